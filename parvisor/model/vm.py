@@ -1,0 +1,189 @@
+"""The VM definition: what a VM *is*, independent of whether it runs.
+
+Versioned (``schema_version``); ``upgrade_definition`` lifts stored older versions.
+Validation here is the single edge check: every layer (API, CLI, store, importers)
+builds definitions through ``VmDefinition.model_validate`` and gets the same messages.
+Runtime facts (state, pid, heartbeat) are *not* here; see ``VmStatus``.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+import uuid as uuid_mod
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from parvisor.model.sizes import parse_size
+from parvisor.model.states import VmState
+
+DEFINITION_VERSION = 1
+MAX_VCPUS = 64                 # q35 + our argv; later issues may raise it
+MIN_MEMORY = 32 << 20          # below this no Linux kernel gets to userspace
+MAX_MEMORY = 1 << 40
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+DEFAULT_VCPU_HEADROOM = 4      # max_vcpus defaults to vcpus * ... capped, see defaults()
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def validate_name(value: str, what: str = "name") -> str:
+    if not isinstance(value, str) or not NAME_RE.match(value):
+        raise ValueError(
+            f"{what} {value!r} is not allowed: use 1-63 letters, digits, '.', '_' or '-',"
+            " starting with a letter or digit")
+    return value
+
+
+class AutoStartAction(str, enum.Enum):
+    NOTHING = "nothing"
+    START_IF_RUNNING = "start-if-running"
+    ALWAYS_START = "always-start"
+
+
+class AutoStopAction(str, enum.Enum):
+    SAVE = "save"
+    SHUTDOWN = "shutdown"
+    TURN_OFF = "turn-off"
+
+
+class KernelBoot(Strict):
+    kind: Literal["kernel"] = "kernel"
+    kernel: str
+    initrd: str | None = None
+    cmdline: str = ""
+
+
+class DiskBoot(Strict):
+    kind: Literal["disk"] = "disk"
+
+
+Boot = Annotated[KernelBoot | DiskBoot, Field(discriminator="kind")]
+
+
+class DiskSpec(Strict):
+    id: str
+    path: str
+    format: Literal["qcow2", "raw"] = "qcow2"
+    bus: Literal["virtio-blk", "virtio-scsi", "ide", "ahci"] = "virtio-blk"
+    readonly: bool = False
+
+
+class NicSpec(Strict):
+    id: str
+    switch: str
+    mac: str
+    model: Literal["virtio", "e1000"] = "virtio"
+    vlan: int | None = Field(default=None, ge=1, le=4094)
+
+
+class VmDefinition(Strict):
+    schema_version: int = DEFINITION_VERSION
+    name: str
+    uuid: str = Field(default_factory=lambda: str(uuid_mod.uuid4()))
+    vcpus: int = Field(default=1, ge=1, le=MAX_VCPUS)
+    max_vcpus: int = Field(default=0, ge=0, le=MAX_VCPUS)     # 0: derived in validator
+    memory_bytes: int = Field(default=256 << 20, ge=MIN_MEMORY, le=MAX_MEMORY)
+    max_memory_bytes: int = Field(default=0, ge=0, le=MAX_MEMORY)  # 0: same as memory
+    boot: Boot
+    disks: tuple[DiskSpec, ...] = ()
+    nics: tuple[NicSpec, ...] = ()
+    ha: bool = False
+    auto_start_action: AutoStartAction = AutoStartAction.START_IF_RUNNING
+    auto_start_delay_s: int = Field(default=0, ge=0, le=3600)
+    auto_stop_action: AutoStopAction = AutoStopAction.SAVE
+    notes: str = Field(default="", max_length=4096)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        return validate_name(value)
+
+    @field_validator("uuid")
+    @classmethod
+    def _uuid(cls, value: str) -> str:
+        return str(uuid_mod.UUID(value))
+
+    @field_validator("memory_bytes", "max_memory_bytes", mode="before")
+    @classmethod
+    def _sizes(cls, value: Any) -> Any:
+        return parse_size(value, what="memory") if isinstance(value, str) else value
+
+    @field_validator("notes")
+    @classmethod
+    def _notes(cls, value: str) -> str:
+        if any(ord(c) < 32 and c not in "\n\t" for c in value):
+            raise ValueError("notes must not contain control characters")
+        return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            data = dict(data)
+            vcpus = data.get("vcpus", 1)
+            if not data.get("max_vcpus") and isinstance(vcpus, int):
+                data["max_vcpus"] = min(MAX_VCPUS, max(vcpus, DEFAULT_VCPU_HEADROOM))
+            memory = data.get("memory_bytes", 256 << 20)
+            if isinstance(memory, str):
+                memory = data["memory_bytes"] = parse_size(memory, what="memory")
+            if not data.get("max_memory_bytes"):
+                data["max_memory_bytes"] = memory
+        return data
+
+    @model_validator(mode="after")
+    def _limits(self) -> "VmDefinition":
+        if self.max_vcpus and self.vcpus > self.max_vcpus:
+            raise ValueError(f"vcpus ({self.vcpus}) exceeds max_vcpus ({self.max_vcpus})")
+        if self.max_memory_bytes and self.memory_bytes > self.max_memory_bytes:
+            raise ValueError("memory exceeds max memory")
+        if self.memory_bytes % (1 << 20):
+            raise ValueError("memory must be a whole number of MiB")
+        if self.max_memory_bytes % (1 << 20):
+            raise ValueError("max memory must be a whole number of MiB")
+        ids = [d.id for d in self.disks] + [n.id for n in self.nics]
+        if len(ids) != len(set(ids)):
+            raise ValueError("device ids must be unique within a VM")
+        return self
+
+
+class VmStatus(BaseModel):
+    """What the API returns for a VM: definition + runtime facts (the JSON contract)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    uuid: str
+    state: VmState
+    state_reason: str = ""
+    host: str
+    vcpus: int
+    max_vcpus: int
+    memory_bytes: int
+    max_memory_bytes: int
+    boot: Boot
+    disks: list[dict[str, Any]]
+    nics: list[dict[str, Any]]
+    ha: bool
+    auto_start_action: AutoStartAction
+    auto_start_delay_s: int
+    auto_stop_action: AutoStopAction
+    notes: str
+    heartbeat: Literal["ok", "lost", "no-agent", "unknown"] = "unknown"
+    ip_addresses: list[str] = []
+    os_info: dict[str, Any] | None = None
+    accelerator: Literal["kvm", "tcg"]
+    pid: int | None = None
+    uptime_s: float | None = None
+    generation: int = 0
+
+
+def upgrade_definition(data: dict[str, Any]) -> dict[str, Any]:
+    """Lift a stored definition to the current version (only version 1 exists yet)."""
+    version = data.get("schema_version", 1)
+    if version > DEFINITION_VERSION:
+        raise ValueError(f"definition version {version} is newer than this parvisor")
+    return data
