@@ -1,0 +1,198 @@
+"""The host service process (``parvisor host serve``): Hyper-V's VMMS.
+
+Wires config, store, accelerator and the VM manager; reconciles with the QEMUs that
+outlived the previous service; serves the API on the unix socket (and TCP with TLS and
+tokens when configured); rotates console logs. Stopping the service never stops VMs:
+each QEMU lives in its own session and is re-adopted by the next service.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import socket
+from dataclasses import asdict
+from typing import Any
+
+import uvicorn
+from fastapi import WebSocket, WebSocketDisconnect
+
+from parvisor.api.app import create_app
+from parvisor.config import HostConfig, write_default_config
+from parvisor.errors import InvalidInput, ParvisorError
+from parvisor.hypervisor.probe import HostInfo, current_accelerator, probe_host
+from parvisor.image.tiny import build_tiny_image, load_tiny_image
+from parvisor.model.states import check_action
+from parvisor.ops.jobs import Job, JobRegistry
+from parvisor.ops.reconcile import apply_stop_actions, auto_start, reconcile
+from parvisor.ops.vms import VmManager
+from parvisor.store.sqlite import SqliteStore
+
+log = logging.getLogger(__name__)
+CONSOLE_LOG_MAX_BYTES = 2 << 20
+ROTATE_EVERY_S = 10
+
+
+class HostService:
+    def __init__(self, config: HostConfig) -> None:
+        self.config = config
+        for directory in (config.state_dir, config.state_dir / "run", *config.storage_roots):
+            directory.mkdir(parents=True, exist_ok=True)
+        os.chmod(config.state_dir, 0o711)
+        write_default_config(config)
+        self.store = SqliteStore(config.database)
+        self.jobs = JobRegistry()
+        self.accelerator = current_accelerator()
+        self.vms = VmManager(config, self.store, self.jobs, self.accelerator)
+        self._host_info: HostInfo | None = None
+
+    # --- facts ------------------------------------------------------------------------
+    def host_info(self) -> HostInfo:
+        info = probe_host(self.config.host_name)
+        return info
+
+    def tiny_image_info(self) -> dict[str, Any]:
+        image = load_tiny_image(self.config.state_dir)
+        return {"built": image is not None,
+                **({k: str(v) for k, v in asdict(image).items()} if image else {})}
+
+    def build_tiny_image(self, force: bool) -> Job:
+        async def work(job: Job) -> dict[str, Any]:
+            loop = asyncio.get_running_loop()
+
+            def progress(fraction: float, message: str) -> None:
+                loop.call_soon_threadsafe(job.report, fraction, message)
+            image = await asyncio.to_thread(build_tiny_image, self.config.state_dir,
+                                            force=force, progress=progress)
+            return {k: str(v) for k, v in asdict(image).items()}
+        return self.jobs.start("image-build", work)
+
+    async def apply_stop_actions(self) -> dict[str, str]:
+        return await apply_stop_actions(self.vms)
+
+    # --- console ----------------------------------------------------------------------
+    def console_log(self, name: str, tail_bytes: int) -> str:
+        record = self.store.get_vm(name)
+        path = self.vms.paths(record.uuid).console_log
+        if not path.exists():
+            return ""
+        with open(path, "rb") as log_file:
+            size = log_file.seek(0, os.SEEK_END)
+            log_file.seek(max(0, size - tail_bytes))
+            return log_file.read().decode(errors="replace")
+
+    async def attach_console(self, websocket: WebSocket, name: str) -> None:
+        """Bridge a WebSocket to the VM's serial socket (one interactive client)."""
+        try:
+            record = self.store.get_vm(name)
+            check_action("console", record.state, vm=name)
+            reader, writer = await asyncio.open_unix_connection(
+                self.vms.paths(record.uuid).serial_socket)
+        except (ParvisorError, OSError) as exc:
+            await websocket.close(code=4404, reason=str(exc)[:120])
+            return
+        await websocket.accept()
+
+        async def guest_to_client() -> None:
+            while data := await reader.read(4096):
+                await websocket.send_bytes(data)
+
+        async def client_to_guest() -> None:
+            while True:
+                message = await websocket.receive()
+                if message["type"] == "websocket.disconnect":
+                    return
+                writer.write(message.get("bytes") or (message.get("text") or "").encode())
+                await writer.drain()
+        tasks = [asyncio.create_task(guest_to_client()), asyncio.create_task(client_to_guest())]
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        except WebSocketDisconnect:
+            pass
+        finally:
+            for task in tasks:
+                task.cancel()
+            writer.close()
+            with contextlib.suppress(Exception):
+                await websocket.close()
+
+    async def rotate_console_logs(self) -> None:
+        """QEMU appends with O_APPEND, so copy-then-truncate loses nothing it wrote."""
+        while True:
+            await asyncio.sleep(ROTATE_EVERY_S)
+            for record in self.store.list_vms():
+                path = self.vms.paths(record.uuid).console_log
+                with contextlib.suppress(OSError):
+                    if path.stat().st_size > CONSOLE_LOG_MAX_BYTES:
+                        shutil.copyfile(path, path.with_suffix(".log.1"))
+                        os.truncate(path, 0)
+
+    # --- run --------------------------------------------------------------------------
+    async def run(self) -> None:
+        await reconcile(self.vms)
+        background = [asyncio.create_task(self.rotate_console_logs())]
+        background += await auto_start(self.vms)
+        servers = self._servers()
+        try:
+            await asyncio.gather(*(server.serve(sockets=sockets)
+                                   for server, sockets in servers))
+        finally:
+            for task in background:
+                task.cancel()
+            self.detach_all()
+            self.store.close()
+
+    def _servers(self) -> list[tuple[uvicorn.Server, list[socket.socket] | None]]:
+        servers = [(uvicorn.Server(uvicorn.Config(create_app(self), log_level="warning",
+                                                  lifespan="off")),
+                    [self._unix_socket()])]
+        for listen in self.config.listen_tcp:
+            host, _, port = listen.rpartition(":")
+            if not port.isdigit():
+                raise InvalidInput(f"listen_tcp entry {listen!r} is not HOST:PORT")
+            tcp = uvicorn.Config(create_app(self, tokens=self.config.api_tokens),
+                                 host=host.strip("[]"), port=int(port), log_level="warning",
+                                 ssl_certfile=str(self.config.tls_cert),
+                                 ssl_keyfile=str(self.config.tls_key), lifespan="off")
+            servers.append((uvicorn.Server(tcp), None))
+        return servers
+
+    def _unix_socket(self) -> socket.socket:
+        """Bound by us so it is 0600 (root only) before anyone can connect."""
+        path = self.config.api_socket
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.unlink(missing_ok=True)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old_umask = os.umask(0o177)
+        try:
+            sock.bind(str(path))
+        finally:
+            os.umask(old_umask)
+        os.chmod(path, 0o600)
+        return sock
+
+    def detach_all(self) -> None:
+        """Leave every QEMU running; the next service re-adopts them."""
+        for runtime in self.vms.runtimes.values():
+            runtime.cancel_watchers()
+            if runtime.process is not None:
+                with contextlib.suppress(Exception):
+                    asyncio.get_event_loop().create_task(runtime.process.detach())
+
+
+def serve_forever(state_dir: str | None) -> None:
+    """Entry point of ``parvisor host serve``."""
+    from parvisor.config import load_config, state_dir_from_env
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = load_config(state_dir_from_env(state_dir))
+    service = HostService(config)
+    info = service.host_info()
+    log.info("parvisor host service: state %s, API %s, accelerator %s (%s)",
+             config.state_dir, config.api_socket, info.accelerator, info.accelerator_reason)
+    if info.accelerator_warning:
+        log.warning("%s", info.accelerator_warning)
+    asyncio.run(service.run())

@@ -1,0 +1,1 @@
+"""Disk images: storage roots, qemu-img inspection (the I/O model issue adds more)."""
