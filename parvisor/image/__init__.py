@@ -1,0 +1,1 @@
+"""Guest images for parvisor: the tiny Debian-kernel + busybox guest (see ``tiny``)."""
