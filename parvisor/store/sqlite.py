@@ -44,6 +44,13 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX events_by_vm ON events (vm_name, id);
     """,
+    # 2: virtual switches (definitions as versioned JSON documents, like VMs)
+    """
+    CREATE TABLE switches (
+        name TEXT PRIMARY KEY,
+        definition TEXT NOT NULL
+    );
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 MAX_EVENTS = 20000  # older events are trimmed so the log cannot fill the state disk
@@ -171,6 +178,33 @@ class SqliteStore:
     def delete_vm(self, vm_uuid: str) -> None:
         with self._tx("delete") as db:
             db.execute("DELETE FROM vms WHERE uuid=?", (vm_uuid,))
+
+    # --- switches (documents owned by parvisor.switch; the store only keeps them) --------
+    def put_switch(self, name: str, document: dict, *, create: bool) -> None:
+        with self._tx("switch") as db:
+            exists = db.execute("SELECT 1 FROM switches WHERE name=?", (name,)).fetchone()
+            if create and exists:
+                raise AlreadyExists(f"a switch named '{name}' already exists", name=name)
+            if not create and not exists:
+                raise NotFound(f"no switch named '{name}'", name=name)
+            db.execute("INSERT OR REPLACE INTO switches (name, definition) VALUES (?,?)",
+                       (name, json.dumps(document, sort_keys=True)))
+
+    def get_switch(self, name: str) -> dict:
+        row = self._db.execute("SELECT definition FROM switches WHERE name=?",
+                               (name,)).fetchone()
+        if row is None:
+            raise NotFound(f"no switch named '{name}'", name=name)
+        return json.loads(row[0])
+
+    def list_switches(self) -> list[dict]:
+        rows = self._db.execute("SELECT definition FROM switches ORDER BY name").fetchall()
+        return [json.loads(row[0]) for row in rows]
+
+    def delete_switch(self, name: str) -> None:
+        with self._tx("switch") as db:
+            if db.execute("DELETE FROM switches WHERE name=?", (name,)).rowcount == 0:
+                raise NotFound(f"no switch named '{name}'", name=name)
 
     # --- events ---------------------------------------------------------------------
     def append_event(self, event: Event) -> Event:
