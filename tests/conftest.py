@@ -1,0 +1,30 @@
+"""Shared fixtures: the tiny guest image (built once, cached across runs) and a real
+host service per test (``host``) that is stopped, with its QEMUs, by PID afterwards."""
+
+from __future__ import annotations
+
+import pytest
+
+from parvisor.testing.guest_fixtures import tiny_image_for_tests
+from parvisor.testing.host_fixture import HostUnderTest
+
+
+@pytest.fixture(scope="session")
+def tiny_image():
+    return tiny_image_for_tests()
+
+
+@pytest.fixture
+def host(tiny_image):
+    host = HostUnderTest()
+    host.start()
+    yield host
+    host.close()
+
+
+@pytest.fixture
+def stopped_host(tiny_image):
+    """A state dir with the tiny image linked in, service not started yet."""
+    host = HostUnderTest()
+    yield host
+    host.close()
