@@ -1,0 +1,172 @@
+"""The QEMU command line, pinned by golden files (one argument per line).
+
+Regenerate after an intended change with ``PARVISOR_REWRITE_GOLDEN=1``; a missing
+golden fails, so a new case is always looked at once before it is trusted.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from parvisor.model.vm import VmDefinition
+from parvisor.vm import argv as qargv
+from parvisor.vm.argv import LaunchSpec, build_argv, tap_name
+from parvisor.vm.paths import VmPaths
+
+GOLDEN_DIR = Path(__file__).parent / "golden" / "argv"
+STATE_DIR = Path("/var/lib/parvisor")
+UUID = "0b0e5a4e-5c1d-4d7e-9a55-3f2b8c6d7e01"
+
+
+def definition(**overrides: object) -> VmDefinition:
+    data: dict[str, object] = {
+        "name": "web01", "uuid": UUID,
+        "boot": {"kind": "kernel", "kernel": "/images/vmlinuz",
+                 "initrd": "/images/initrd.img", "cmdline": "console=ttyS0 quiet"},
+    }
+    data.update(overrides)
+    return VmDefinition.model_validate(data)
+
+
+def spec(vm: VmDefinition, **overrides: object) -> LaunchSpec:
+    values: dict[str, object] = {"accelerator": "tcg"}
+    values.update(overrides)
+    return LaunchSpec(definition=vm, paths=VmPaths(STATE_DIR, vm.uuid), **values)  # type: ignore[arg-type]
+
+
+def check_golden(name: str, argv: list[str]) -> None:
+    path = GOLDEN_DIR / f"{name}.txt"
+    text = "\n".join(argv) + "\n"
+    if os.environ.get("PARVISOR_REWRITE_GOLDEN") == "1":
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        return
+    if not path.exists():
+        pytest.fail(f"golden file {path} is missing; run with PARVISOR_REWRITE_GOLDEN=1"
+                    " and review it")
+    assert text == path.read_text(), f"argv differs from {path}"
+
+
+TWO_DISKS_TWO_NICS = {
+    "name": "db02", "uuid": UUID, "vcpus": 2, "max_vcpus": 8,
+    "memory_bytes": "1G", "max_memory_bytes": "4G",
+    "boot": {"kind": "disk"},
+    "disks": [
+        {"id": "root", "path": "/var/lib/parvisor/disks/db02-root.qcow2", "bus": "virtio-blk"},
+        {"id": "legacy", "path": "/var/lib/parvisor/disks/legacy.img", "format": "raw",
+         "bus": "ide"},
+    ],
+    "nics": [
+        {"id": "eth0", "switch": "external", "mac": "52:54:00:12:34:56", "model": "virtio"},
+        {"id": "eth1", "switch": "private", "mac": "52:54:00:12:34:57", "model": "e1000"},
+    ],
+}
+
+
+def test_golden_tcg_kernel_minimal() -> None:
+    check_golden("tcg_kernel_minimal", build_argv(spec(definition())))
+
+
+def test_golden_kvm_two_disks_two_nics() -> None:
+    vm = VmDefinition.model_validate(TWO_DISKS_TWO_NICS)
+    check_golden("kvm_two_disks_two_nics", build_argv(spec(vm, accelerator="kvm")))
+
+
+def test_golden_incoming_paused() -> None:
+    check_golden("tcg_incoming_paused",
+                 build_argv(spec(definition(), incoming=True, start_paused=True)))
+
+
+def test_golden_run_as() -> None:
+    check_golden("tcg_run_as", build_argv(spec(definition(), run_as="parvisor-qemu",
+                                                qemu_binary="/usr/bin/qemu-system-x86_64")))
+
+
+def test_accelerator_picks_cpu_model() -> None:
+    assert qargv.machine_args(spec(definition(), accelerator="kvm")) == [
+        "-machine", "q35", "-accel", "kvm", "-cpu", "host"]
+    assert qargv.machine_args(spec(definition())) == [
+        "-machine", "q35", "-accel", "tcg", "-cpu", "max"]
+
+
+def test_start_flags() -> None:
+    assert qargv.start_args(spec(definition())) == []
+    assert qargv.start_args(spec(definition(), start_paused=True)) == ["-S"]
+    assert qargv.start_args(spec(definition(), incoming=True)) == ["-S", "-incoming", "defer"]
+
+
+def test_sandbox_denies_privileges_unless_run_as() -> None:
+    [_, plain] = qargv.sandbox_args(spec(definition()))
+    [_, run_as] = qargv.sandbox_args(spec(definition(), run_as="nobody"))
+    assert "elevateprivileges=deny" in plain and "spawn=deny" in plain
+    # -runas needs setuid/setgid after the filter is installed (measured: =deny and
+    # =children kill QEMU with SIGSYS); spawn=deny still forbids exec.
+    assert "elevateprivileges=allow" in run_as and "spawn=deny" in run_as
+
+
+def test_memory_hotplug_slots_only_when_max_exceeds_memory() -> None:
+    assert qargv.memory_args(spec(definition(memory_bytes="512M"))) == ["-m", "size=512M"]
+    assert qargv.memory_args(spec(definition(memory_bytes="512M", max_memory_bytes="2G"))) == [
+        "-m", "size=512M,slots=8,maxmem=2048M"]
+
+
+def test_commas_in_paths_are_escaped() -> None:
+    vm = definition(disks=[{"id": "d0", "path": "/data/a,b.qcow2"}])
+    args = qargv.disks_args(spec(vm))
+    assert "filename=/data/a,,b.qcow2" in args[1]
+    paths = VmPaths(Path("/srv/odd,dir"), UUID)
+    serial = qargv.serial_args(LaunchSpec(definition(), paths, "tcg"))[1]
+    assert "path=/srv/odd,,dir/vms/" in serial
+
+
+def test_virtio_scsi_disks_get_one_controller() -> None:
+    vm = definition(disks=[{"id": "a", "path": "/a", "bus": "virtio-scsi"},
+                           {"id": "b", "path": "/b", "bus": "virtio-scsi"}])
+    argv = build_argv(spec(vm))
+    assert argv.count("virtio-scsi-pci,id=scsi0") == 1
+    assert sum(a.startswith("scsi-hd,bus=scsi0.0,") for a in argv) == 2
+
+
+def test_ide_ports_are_assigned_in_order_and_limited() -> None:
+    disks = [{"id": f"d{i}", "path": f"/d{i}", "bus": "ide" if i % 2 else "ahci"}
+             for i in range(6)]
+    argv = build_argv(spec(definition(disks=disks)))
+    assert [a.split(",")[1] for a in argv if a.startswith("ide-hd")] == [
+        f"bus=ide.{i}" for i in range(6)]
+    with pytest.raises(ValueError, match="at most 6"):
+        build_argv(spec(definition(disks=disks + [{"id": "d6", "path": "/d6", "bus": "ide"}])))
+
+
+def test_read_only_ide_disk_is_refused() -> None:
+    vm = definition(disks=[{"id": "cd", "path": "/x.img", "bus": "ide", "readonly": True}])
+    with pytest.raises(ValueError, match="read-only"):
+        build_argv(spec(vm))
+    vm = definition(disks=[{"id": "ro", "path": "/x.img", "readonly": True}])
+    assert any("read-only=on" in a for a in build_argv(spec(vm)))
+
+
+def test_unusual_device_ids_become_stable_safe_ids() -> None:
+    vm = definition(disks=[{"id": "1st disk!", "path": "/x"}])
+    file_node, fmt_node = qargv.disk_node_names(vm.disks[0])
+    assert file_node == qargv.disk_node_names(vm.disks[0])[0]
+    assert file_node.startswith("file-h") and len(fmt_node) <= 31
+    assert " " not in qargv.disk_device_id(vm.disks[0])
+
+
+def test_tap_name_is_short_deterministic_and_distinct() -> None:
+    name = tap_name(UUID, "eth0")
+    assert name.startswith("pv") and len(name) <= 15
+    assert name == tap_name(UUID, "eth0")
+    assert name != tap_name(UUID, "eth1")
+    assert name != tap_name("0b0e5a4e-5c1d-4d7e-9a55-3f2b8c6d7e02", "eth0")
+
+
+def test_every_part_returns_strings() -> None:
+    vm = VmDefinition.model_validate(TWO_DISKS_TWO_NICS)
+    s = spec(vm, run_as="x", incoming=True)
+    for part in qargv._PARTS:
+        args = part(s)
+        assert isinstance(args, list) and all(isinstance(a, str) for a in args), part.__name__
