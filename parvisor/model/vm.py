@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from parvisor.model.sizes import parse_size
 from parvisor.model.states import VmState
 
-DEFINITION_VERSION = 1
+DEFINITION_VERSION = 2
 MAX_VCPUS = 64                 # q35 + our argv; later issues may raise it
 MIN_MEMORY = 32 << 20          # below this no Linux kernel gets to userspace
 MAX_MEMORY = 1 << 40
@@ -65,11 +65,26 @@ Boot = Annotated[KernelBoot | DiskBoot, Field(discriminator="kind")]
 
 
 class DiskSpec(Strict):
+    """A disk or an optical drive. ``media="cdrom"`` with ``path=None`` is an empty drive."""
+
     id: str
-    path: str
+    path: str | None
     format: Literal["qcow2", "raw"] = "qcow2"
     bus: Literal["virtio-blk", "virtio-scsi", "ide", "ahci"] = "virtio-blk"
+    media: Literal["disk", "cdrom"] = "disk"
     readonly: bool = False
+
+    @model_validator(mode="after")
+    def _media(self) -> "DiskSpec":
+        if self.media == "disk" and not self.path:
+            raise ValueError(f"disk {self.id}: a disk needs a path")
+        if self.media == "disk" and self.readonly and self.bus in ("ide", "ahci"):
+            raise ValueError(f"disk {self.id}: read-only disks need the virtio-blk or "
+                             "virtio-scsi bus (QEMU's IDE disks cannot be read-only)")
+        if self.media == "cdrom" and self.bus not in ("ide", "ahci", "virtio-scsi"):
+            raise ValueError(f"disk {self.id}: a CD/DVD drive sits on ide, ahci or "
+                             "virtio-scsi")
+        return self
 
 
 class NicSpec(Strict):
@@ -89,6 +104,11 @@ class VmDefinition(Strict):
     memory_bytes: int = Field(default=256 << 20, ge=MIN_MEMORY, le=MAX_MEMORY)
     max_memory_bytes: int = Field(default=0, ge=0, le=MAX_MEMORY)  # 0: same as memory
     boot: Boot
+    generation: Literal[1, 2] = 1          # 1: BIOS (SeaBIOS), 2: UEFI (OVMF)
+    secure_boot: bool = False              # generation 2 only
+    tpm: bool = False                      # a virtual TPM (swtpm)
+    os_type: Literal["linux", "windows", "other"] = "linux"
+    boot_order: tuple[str, ...] = ()       # device ids; empty: disks in order
     disks: tuple[DiskSpec, ...] = ()
     nics: tuple[NicSpec, ...] = ()
     ha: bool = False
@@ -147,6 +167,11 @@ class VmDefinition(Strict):
         ids = [d.id for d in self.disks] + [n.id for n in self.nics]
         if len(ids) != len(set(ids)):
             raise ValueError("device ids must be unique within a VM")
+        unknown = set(self.boot_order) - set(ids)
+        if unknown:
+            raise ValueError(f"boot_order names unknown devices: {sorted(unknown)}")
+        if self.secure_boot and self.generation != 2:
+            raise ValueError("secure boot needs a generation 2 (UEFI) VM")
         return self
 
 
@@ -165,6 +190,11 @@ class VmStatus(BaseModel):
     memory_bytes: int
     max_memory_bytes: int
     boot: Boot
+    generation: int = 1
+    secure_boot: bool = False
+    tpm: bool = False
+    os_type: str = "linux"
+    boot_order: list[str] = []
     disks: list[dict[str, Any]]
     nics: list[dict[str, Any]]
     ha: bool
@@ -178,12 +208,24 @@ class VmStatus(BaseModel):
     accelerator: Literal["kvm", "tcg"]
     pid: int | None = None
     uptime_s: float | None = None
-    generation: int = 0
+    revision: int = 0            # bumps on every stored change (optimistic concurrency)
+
+
+def _v1_to_v2(data: dict[str, Any]) -> dict[str, Any]:
+    # v2 added generation, secure_boot, tpm, os_type, boot_order and disk media; their
+    # defaults describe every v1 VM exactly.
+    return {**data, "schema_version": 2}
+
+
+_UPGRADES = {1: _v1_to_v2}
 
 
 def upgrade_definition(data: dict[str, Any]) -> dict[str, Any]:
-    """Lift a stored definition to the current version (only version 1 exists yet)."""
+    """Lift a stored definition to the current version, one step at a time."""
     version = data.get("schema_version", 1)
     if version > DEFINITION_VERSION:
         raise ValueError(f"definition version {version} is newer than this parvisor")
+    while version < DEFINITION_VERSION:
+        data = _UPGRADES[version](data)
+        version = data["schema_version"]
     return data

@@ -86,6 +86,8 @@ class VmManager(LifecycleActions):
             name=d.name, uuid=d.uuid, state=record.state, state_reason=record.state_reason,
             host=self.config.host_name, vcpus=d.vcpus, max_vcpus=d.max_vcpus,
             memory_bytes=d.memory_bytes, max_memory_bytes=d.max_memory_bytes, boot=d.boot,
+            generation=d.generation, secure_boot=d.secure_boot, tpm=d.tpm,
+            os_type=d.os_type, boot_order=list(d.boot_order),
             disks=[self._disk_view(disk) for disk in d.disks],
             nics=[nic.model_dump() for nic in d.nics], ha=d.ha,
             auto_start_action=d.auto_start_action, auto_start_delay_s=d.auto_start_delay_s,
@@ -96,10 +98,12 @@ class VmManager(LifecycleActions):
             accelerator=self.accelerator.accelerator,
             pid=process.pid if process else None,
             uptime_s=round(process.uptime_s, 3) if process else None,
-            generation=record.generation)
+            revision=record.generation)
 
     def _disk_view(self, disk: DiskSpec) -> dict[str, Any]:
         view = disk.model_dump()
+        if disk.path is None:
+            return {**view, "size_bytes": None}
         try:
             mtime = Path(disk.path).stat().st_mtime
             key = (disk.path, mtime)

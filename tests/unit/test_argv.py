@@ -141,9 +141,9 @@ def test_ide_ports_are_assigned_in_order_and_limited() -> None:
 
 
 def test_read_only_ide_disk_is_refused() -> None:
-    vm = definition(disks=[{"id": "cd", "path": "/x.img", "bus": "ide", "readonly": True}])
+    # refused where the definition is made, so the user hears it at create time
     with pytest.raises(ValueError, match="read-only"):
-        build_argv(spec(vm))
+        definition(disks=[{"id": "cd", "path": "/x.img", "bus": "ide", "readonly": True}])
     vm = definition(disks=[{"id": "ro", "path": "/x.img", "readonly": True}])
     assert any("read-only=on" in a for a in build_argv(spec(vm)))
 

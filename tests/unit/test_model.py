@@ -31,7 +31,7 @@ def test_format_size_round_trips():
 def test_defaults_give_headroom_and_max_memory():
     d = VmDefinition(name="a", boot=KERNEL, vcpus=2, memory_bytes="512M")
     assert d.max_vcpus == 4 and d.max_memory_bytes == 512 << 20
-    assert d.schema_version == 1
+    assert d.schema_version == 2 and d.generation == 1
 
 
 @pytest.mark.parametrize("name", ["../x", "a/b", "x\ny", "", "-lead", "a" * 64, "ü", "a b"])
@@ -63,3 +63,19 @@ def test_json_round_trip_and_newer_versions_refused():
     assert VmDefinition.model_validate_json(d.model_dump_json()) == d
     with pytest.raises(ValueError):
         upgrade_definition({"schema_version": 99})
+
+
+def test_version_1_definitions_are_upgraded():
+    v1 = {"schema_version": 1, "name": "old", "boot": KERNEL}
+    upgraded = VmDefinition.model_validate(upgrade_definition(v1))
+    assert upgraded.schema_version == 2 and upgraded.generation == 1 and not upgraded.tpm
+
+
+def test_device_rules():
+    with pytest.raises(InvalidInput, match="read-only"):
+        validated_definition({"name": "a", "boot": KERNEL, "disks": [
+            {"id": "d0", "path": "/x", "bus": "ide", "readonly": True}]})
+    with pytest.raises(InvalidInput, match="boot_order"):
+        validated_definition({"name": "a", "boot": KERNEL, "boot_order": ["nope"]})
+    with pytest.raises(InvalidInput, match="secure boot"):
+        validated_definition({"name": "a", "boot": KERNEL, "secure_boot": True})
