@@ -15,6 +15,7 @@ import os
 import shutil
 import socket
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import uvicorn
@@ -34,6 +35,15 @@ from parvisor.store.sqlite import SqliteStore
 log = logging.getLogger(__name__)
 CONSOLE_LOG_MAX_BYTES = 2 << 20
 ROTATE_EVERY_S = 10
+
+
+def rotate_if_large(path: Path, max_bytes: int) -> bool:
+    """Keep one previous generation (``console.log.1``); the writer keeps appending."""
+    if path.stat().st_size <= max_bytes:
+        return False
+    shutil.copyfile(path, path.with_suffix(".log.1"))
+    os.truncate(path, 0)
+    return True
 
 
 class HostService:
@@ -124,11 +134,9 @@ class HostService:
         while True:
             await asyncio.sleep(ROTATE_EVERY_S)
             for record in self.store.list_vms():
-                path = self.vms.paths(record.uuid).console_log
                 with contextlib.suppress(OSError):
-                    if path.stat().st_size > CONSOLE_LOG_MAX_BYTES:
-                        shutil.copyfile(path, path.with_suffix(".log.1"))
-                        os.truncate(path, 0)
+                    rotate_if_large(self.vms.paths(record.uuid).console_log,
+                                    CONSOLE_LOG_MAX_BYTES)
 
     # --- run --------------------------------------------------------------------------
     async def run(self) -> None:
