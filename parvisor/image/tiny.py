@@ -12,6 +12,8 @@ and nothing hand-compiled:
   the dynamic loader (the host runs the same Debian release).
 
 ``parvisor/image/guest/`` holds the guest-side scripts (``/init`` and friends).
+``disk.qcow2`` is the same kernel + initramfs on a GPT disk that boots under SeaBIOS
+and OVMF (``parvisor.image.bootdisk``), the base of ``vm create --image tiny --boot disk``.
 
 The result is cached in ``<state_dir>/images/tiny/`` next to a ``manifest.json``; the
 downloaded ``.deb`` files are kept in ``<state_dir>/images/cache/`` (or
@@ -38,8 +40,9 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from parvisor.errors import ImageError
+from parvisor.image import bootdisk
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2             # 2: + disk.qcow2, CD-ROM/ISO 9660 modules
 KERNEL_METAPACKAGE = "linux-image-cloud-amd64"
 BUSYBOX_PACKAGE = "busybox-static"
 QGA_PACKAGE = "qemu-guest-agent"
@@ -49,10 +52,13 @@ CMDLINE = "console=ttyS0 panic=-1 memhp_default_state=online quiet"
 # Loaded by /init in dependency order (deps such as virtio_ring or failover come from
 # modules.dep). sd_mod makes virtio-scsi disks visible; evdev gives /dev/input/event*
 # for the ACPI power button (button.ko is added when the config builds it as a module).
+# sr_mod + isofs: CD-ROMs on virtio-scsi (a cloud-init seed; the cloud kernel has no AHCI).
 WANTED_MODULES = ("virtio_pci", "virtio_net", "virtio_blk", "virtio_scsi", "sd_mod",
-                  "virtio_console", "virtio_balloon", "virtio_mem", "evdev")
+                  "virtio_console", "virtio_balloon", "virtio_mem", "evdev", "sr_mod",
+                  "isofs")
 MODULE_SUFFIXES = (".ko.xz", ".ko.zst", ".ko.gz", ".ko")
 IMAGE_FILES = ("vmlinuz", "initrd.img")
+DISK_FILE = bootdisk.DISK_FILE     # optional in a manifest: older/fake builds lack it
 CACHE_ENV = "PARVISOR_IMAGE_CACHE"
 
 # package data file -> (path in the initramfs, mode)
@@ -74,6 +80,7 @@ class TinyImage:
     initrd: Path          # <state_dir>/images/tiny/initrd.img
     cmdline: str          # kernel command line (includes console=ttyS0)
     kernel_release: str   # what `uname -r` prints in the guest
+    disk: Path | None = None  # disk.qcow2: the same guest on a GPT disk (BIOS + UEFI GRUB)
 
 
 def tiny_image_dir(state_dir: Path) -> Path:
@@ -97,7 +104,8 @@ def load_tiny_image(state_dir: Path) -> TinyImage | None:
             return None
         return TinyImage(kernel=directory / "vmlinuz", initrd=directory / "initrd.img",
                          cmdline=manifest["cmdline"],
-                         kernel_release=manifest["kernel_release"])
+                         kernel_release=manifest["kernel_release"],
+                         disk=directory / DISK_FILE if DISK_FILE in manifest["files"] else None)
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -109,13 +117,18 @@ def _manifest_is_current(manifest: dict, directory: Path) -> bool:
     if manifest.get("guest_files_sha256") != guest_files_digest():
         return False
     files = manifest["files"]
-    for name in IMAGE_FILES:
+    for name in _listed_files(files):
         path = directory / name
         if path.stat().st_size != files[name]["size"]:
             return False
         if sha256_file(path) != files[name]["sha256"]:
             return False
     return True
+
+
+def _listed_files(files: dict) -> tuple[str, ...]:
+    """The files a manifest vouches for: always kernel + initrd, the disk when built."""
+    return IMAGE_FILES + ((DISK_FILE,) if DISK_FILE in files else ())
 
 
 def sha256_file(path: Path) -> str:
@@ -507,7 +520,8 @@ def write_manifest(out_dir: Path, unpacked: Unpacked, debs: dict[str, Path],
         "modules": modules,
         "guest_files_sha256": guest_files_digest(),
         "files": {name: {"sha256": sha256_file(out_dir / name),
-                         "size": (out_dir / name).stat().st_size} for name in IMAGE_FILES},
+                         "size": (out_dir / name).stat().st_size}
+                  for name in (*IMAGE_FILES, DISK_FILE) if (out_dir / name).exists()},
     }
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
 
@@ -538,6 +552,9 @@ def _build_into(build_dir: Path, cache_dir: Path, progress: Progress | None) -> 
     work = build_dir / "unpacked"
     unpacked = unpack_all(debs, work)
     modules = assemble(unpacked, build_dir, progress)
+    _report(progress, 0.85, "writing the bootable disk (GPT, BIOS + UEFI GRUB)")
+    bootdisk.build_boot_disk(build_dir / "vmlinuz", build_dir / "initrd.img", CMDLINE,
+                             build_dir)
     _report(progress, 0.9, "writing manifest")
     write_manifest(build_dir, unpacked, debs, modules)
     shutil.rmtree(work)

@@ -1,0 +1,67 @@
+"""Firmware generations end to end: the tiny guest's disk boots under SeaBIOS (gen 1)
+and OVMF (gen 2) through the real service; the gen 2 NVRAM survives restarts; a VM with
+a virtual TPM (swtpm) starts, its guest sees /dev/tpm0, and swtpm stops with QEMU."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from parvisor.storage.qemu_img import inspect_image
+from parvisor.vm.firmware import OVMF_DIR, OVMF_VARS
+
+from parvisor.testing.guest_fixtures import pid_alive
+from parvisor.testing.host_fixture import wait_for
+
+pytestmark = [pytest.mark.qemu,
+              pytest.mark.skipif(not shutil.which("swtpm"), reason="swtpm not installed")]
+
+
+def _boot_from_disk(host, name: str, *extra: str) -> dict:
+    vm = host.create_tiny(name, "--boot", "disk", *extra)
+    assert vm["boot"]["kind"] == "disk" and vm["disks"][0]["id"] == "boot"
+    host.cli("vm", "start", name)
+    host.wait_agent(name)
+    return vm
+
+
+def test_tiny_disk_boots_under_seabios_and_ovmf(host):
+    gen1 = _boot_from_disk(host, "bios")
+    gen2 = _boot_from_disk(host, "uefi", "--generation", "2")
+    parents = {inspect_image(Path(vm["disks"][0]["path"])).backing_file
+               for vm in (gen1, gen2)}
+    assert len(parents) == 1 and "/images/tiny-" in parents.pop()   # one shared parent
+    for name in ("bios", "uefi"):  # the kernel came from the disk (GRUB), not -kernel
+        qemu = Path(f"/proc/{host.vm(name)['pid']}/cmdline").read_bytes().split(b"\0")
+        assert b"-kernel" not in qemu
+    assert "BdsDxe" in host.console_log("uefi")       # OVMF's boot manager (serial)
+    assert host.cli("vm", "exec", "uefi", "--", "ls", "/sys/firmware/efi").returncode == 0
+    assert host.cli("vm", "exec", "bios", "--", "ls", "/sys/firmware/efi",
+                    check=False).returncode != 0
+
+
+def test_gen2_nvram_persists_and_tpm_runs_with_qemu(host):
+    host.create_tiny("tpm", "--generation", "2", "--tpm")
+    host.cli("vm", "start", "tpm")
+    vm_dir = host.vm_dir("tpm")
+    nvram = vm_dir / "nvram.fd"
+    assert nvram.is_file()
+    swtpm_pid = int((vm_dir / "swtpm.pid").read_text())
+    assert pid_alive(swtpm_pid)
+    host.wait_agent("tpm")
+    assert "tpm0" in host.cli("vm", "exec", "tpm", "--", "ls", "/dev").stdout.split()
+    host.cli("vm", "turn-off", "tpm")
+    wait_for(lambda: not pid_alive(swtpm_pid), 10, "swtpm to stop with QEMU")
+    # OVMF stored its boot entries in the VM's own variable store ...
+    first_run = nvram.read_bytes()
+    assert first_run != Path(OVMF_DIR / OVMF_VARS).read_bytes()
+    assert (vm_dir / "tpm" / "tpm2-00.permall").is_file()     # swtpm's persistent state
+    # ... which the next start reuses (not a fresh copy of the template)
+    inode = nvram.stat().st_ino
+    host.cli("vm", "start", "tpm")
+    host.wait_agent("tpm")
+    assert nvram.stat().st_ino == inode
+    host.cli("vm", "turn-off", "tpm")
+    assert b"Boot0" in nvram.read_bytes().replace(b"\0", b"")
