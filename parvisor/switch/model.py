@@ -26,6 +26,7 @@ import ipaddress
 import re
 from typing import Any, Literal
 
+from parvisor.model.validation import validate_model
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from parvisor.errors import InvalidInput
@@ -200,15 +201,7 @@ def upgrade_switch_document(data: dict[str, Any]) -> dict[str, Any]:
 
 def parse_switch_definition(data: dict[str, Any]) -> SwitchDefinition:
     """Build a definition from user input; pydantic's errors become one InvalidInput."""
-    from pydantic import ValidationError
     try:
-        return SwitchDefinition.model_validate(upgrade_switch_document(dict(data)))
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        message = first["msg"].removeprefix("Value error, ")
-        raise InvalidInput(f"{where}: {message}" if where else message,
-                           errors=[{"field": ".".join(map(str, e["loc"])), "message": e["msg"]}
-                                   for e in exc.errors()]) from None
+        return validate_model(SwitchDefinition, upgrade_switch_document(dict(data)))
     except ValueError as exc:
         raise InvalidInput(str(exc)) from None

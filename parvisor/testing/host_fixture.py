@@ -149,4 +149,24 @@ class HostUnderTest:
             if pid_alive(pid):
                 os.kill(pid, signal.SIGKILL)
                 wait_for(lambda: not pid_alive(pid), 10, f"QEMU {pid} to exit")
+        self._remove_network()
         shutil.rmtree(self.state_dir, ignore_errors=True)
+
+    def _remove_network(self) -> None:
+        """Taps, bridges, nft tables and dnsmasq of this instance's switches (by PID)."""
+        database = self.state_dir / "parvisor.db"
+        if not database.exists():
+            return
+        from parvisor.store.sqlite import SqliteStore
+        from parvisor.switch import SwitchManager
+        store = SqliteStore(database)
+        switches = SwitchManager(store, self.state_dir, nic_users=lambda _: [])
+        try:
+            for record in store.list_vms():
+                for nic in record.definition.nics:
+                    switches.detach_nic(record.uuid, nic.id)
+            for document in store.list_switches():
+                switches.delete(document["name"])
+        finally:
+            switches.close()
+            store.close()
