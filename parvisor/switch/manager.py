@@ -32,7 +32,7 @@ from typing import Callable, Iterable, NamedTuple, Protocol
 
 from pydantic import BaseModel
 
-from parvisor.errors import AlreadyExists, Busy, Failed, InvalidInput, NotFound, ParvisorError
+from parvisor.errors import AlreadyExists, Busy, Failed, InvalidInput, ParvisorError
 from parvisor.model.vm import NicSpec
 from parvisor.switch.model import (DEFAULT_VLAN, SwitchDefinition, bridge_mac, is_parvisor_link,
                                    nat_table_name, upgrade_switch_document, vlan_bridge_name,
