@@ -1,0 +1,146 @@
+"""The failover cluster's decision engine: observed state in, decisions out.
+
+What for: every choice the cluster manager makes (fence acknowledgement, failover,
+restart after a crash, drain hand-off, quarantine, giving up with a reason) is taken
+here, as a pure function of a ``ClusterView``. The same function runs in production
+(``parvisor.cluster.manager`` over etcd), in the simulator and in the scenario tests;
+only the environment that applies the decisions changes (pve-ha-manager's shape).
+
+Never: I/O, reading a clock (``view.now`` is the manager's monotonic time, INV-6),
+randomness, or iteration over unordered collections (sorted everywhere, so golden logs
+are stable).
+
+Safety rule encoded here: a VM owned by a host that lost its lease is moved only once
+that host is *fenced*: its lease was seen lost and a grace period passed since. The
+host itself killed its HA VMs before its lease could expire (``fencing.py``); the
+ownership write is further conditioned on the owner revision (fencing token).
+"""
+
+from __future__ import annotations
+
+from parvisor.cluster.model import (AcknowledgeFence, ClusterView, Decision, MarkError,
+                                    OwnerPhase, PlaceVm, Priority, QuarantineHost,
+                                    StopForDrain, VmPhase, VmView)
+from parvisor.cluster.placement import Usage, choose_host
+
+
+def decide(view: ClusterView) -> list[Decision]:
+    """All decisions for this tick, hosts first, then VMs by priority and name."""
+    decisions: list[Decision] = []
+    decisions += _host_decisions(view)
+    fenced = {h.name for h in view.hosts if h.fenced}
+    fenced |= {d.host for d in decisions if isinstance(d, AcknowledgeFence)}
+    usage = Usage.of(view)
+    for vm in sorted(view.vms, key=lambda v: (v.priority.rank, v.name, v.uuid)):
+        decision = _decide_vm(vm, view, frozenset(fenced), usage)
+        if decision is None:
+            continue
+        decisions.append(decision)
+        if isinstance(decision, PlaceVm) and decision.host != decision.from_host:
+            usage.add(vm, decision.host)
+            if decision.from_host:
+                usage.remove(vm, decision.from_host)
+    return decisions
+
+
+def _host_decisions(view: ClusterView) -> list[Decision]:
+    out: list[Decision] = []
+    policy = view.policy
+    for host in sorted(view.hosts, key=lambda h: h.name):
+        if (not host.member and not host.fenced and host.lost_seen_at is not None
+                and view.now >= host.lost_seen_at + policy.recovery_grace_s):
+            out.append(AcknowledgeFence(host.name, host.lost_seen_at))
+        recent = [t for t in host.dropout_times if view.now - t <= policy.limit_window_s]
+        if len(recent) >= policy.quarantine_after and host.quarantined_until is None:
+            out.append(QuarantineHost(host.name, view.now + policy.quarantine_s,
+                                      len(recent)))
+    return out
+
+
+def _decide_vm(vm: VmView, view: ClusterView, fenced: frozenset[str],
+               usage: Usage) -> Decision | None:
+    if not vm.desired_running:
+        return None     # stopping is the owner's job; nothing to recover
+    if vm.owner.host is None:
+        return _place(vm, view, usage, reason="start")
+    if vm.owner.host in fenced:
+        return _recover(vm, view, usage)
+    owner = view.host(vm.owner.host)
+    if owner is None or not owner.member:
+        return None     # lease lost but not fenced yet: wait (never act early)
+    if vm.phase == VmPhase.ERROR and vm.retryable_error:
+        return _retry(vm, view, usage)
+    if vm.phase == VmPhase.CRASHED:
+        return _restart(vm, view)
+    if owner.maintenance:
+        return _drain(vm, view, usage)
+    return None
+
+
+def _place(vm: VmView, view: ClusterView, usage: Usage, *, reason: str,
+           exclude: frozenset[str] = frozenset()) -> Decision | None:
+    host = choose_host(vm, view, usage, exclude)
+    if host is None:
+        return _error(vm, f"{reason}: no host can take it (memory, storage, "
+                          "anti-affinity, maintenance)", retryable=True)
+    return PlaceVm(vm.uuid, vm.name, host, vm.owner.host, vm.owner.revision, reason)
+
+
+def _recover(vm: VmView, view: ClusterView, usage: Usage) -> Decision | None:
+    """The owner is fenced: restart HA VMs elsewhere, report the others."""
+    lost = vm.owner.host
+    # These three wait for their own host to come back (retryable, see _retry).
+    if not vm.ha:
+        return _error(vm, f"host {lost} failed; VM is not HA, not moved", retryable=True)
+    if vm.priority == Priority.NONE:
+        return _error(vm, f"host {lost} failed; priority none: no automatic restart",
+                      retryable=True)
+    if not vm.on_shared_storage:
+        return _error(vm, f"host {lost} failed; disks on local storage: not protected",
+                      retryable=True)
+    recent = _recent(vm.failover_times, view)
+    if recent >= view.policy.max_failovers:
+        return _error(vm, f"failed over {recent} times within "
+                          f"{view.policy.limit_window_s:.0f} s: limit reached")
+    return _place(vm, view, usage, reason="failover", exclude=frozenset({lost or ""}))
+
+
+def _retry(vm: VmView, view: ClusterView, usage: Usage) -> Decision | None:
+    """A VM waiting with a retryable error whose owner is a live member again."""
+    host = vm.owner.host or ""
+    if not vm.ha or vm.priority == Priority.NONE or not vm.on_shared_storage:
+        return PlaceVm(vm.uuid, vm.name, host, host, vm.owner.revision, "host back")
+    return _place(vm, view, usage, reason="retry")
+
+
+def _restart(vm: VmView, view: ClusterView) -> Decision | None:
+    recent = _recent(vm.restart_times, view)
+    if recent >= view.policy.max_restarts:
+        return _error(vm, f"crashed {recent} times within "
+                          f"{view.policy.limit_window_s:.0f} s: restart limit reached")
+    host = vm.owner.host or ""
+    return PlaceVm(vm.uuid, vm.name, host, host, vm.owner.revision, "restart")
+
+
+def _drain(vm: VmView, view: ClusterView, usage: Usage) -> Decision | None:
+    """Maintenance without live migration: stop on the source, then start elsewhere."""
+    source = vm.owner.host or ""
+    if vm.owner.phase == OwnerPhase.RUN:
+        if choose_host(vm, view, usage, frozenset({source})) is None:
+            return None     # nowhere to go: keep it running, the drain waits
+        return StopForDrain(vm.uuid, vm.name, source, vm.owner.revision)
+    if vm.phase in (VmPhase.STOPPED, VmPhase.ERROR):
+        return _place(vm, view, usage, reason="drain", exclude=frozenset({source}))
+    return None         # the source has not confirmed the stop yet
+
+
+def _error(vm: VmView, reason: str, *, retryable: bool = False) -> MarkError | None:
+    """A MarkError unless the VM already carries exactly this error (no log spam)."""
+    if (vm.phase == VmPhase.ERROR and vm.error_reason == reason
+            and vm.retryable_error == retryable):
+        return None
+    return MarkError(vm.uuid, vm.name, reason, retryable)
+
+
+def _recent(times: tuple[float, ...], view: ClusterView) -> int:
+    return sum(1 for t in times if view.now - t <= view.policy.limit_window_s)

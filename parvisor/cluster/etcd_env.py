@@ -1,0 +1,158 @@
+"""The real cluster environment: etcd for shared state, a ``LocalHost`` for this host's
+QEMUs and watchdog. Implements ``parvisor.cluster.env.ClusterEnv``.
+
+What for: the agent and manager (``agent.py``, ``manager.py``) run on this in
+production. Every ownership change and status write is a transaction compared on the
+owner key's mod revision (the fencing token); a failover additionally requires the old
+owner's membership key to be absent (its lease expired). ``read`` is one range over
+the cluster prefix, so a snapshot is one etcd revision.
+
+Never: decide anything, or retry a write after a timeout (it may have committed).
+The ``LocalHost`` wiring to ``VmManager``/``QemuProcess`` is the next session's work.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from typing import Protocol
+
+from parvisor.cluster.env import ClusterVm, HostRecord, Snapshot, VmStatus
+from parvisor.cluster.etcd_kv import (EtcdKV, KeyValue, cmp_absent, cmp_mod, op_get,
+                                      op_put, parse_kvs)
+from parvisor.cluster.fencing import LocalVm
+from parvisor.cluster.model import Owner, OwnerPhase, Priority, VmPhase
+from parvisor.store.etcd import Keys
+
+
+class LocalHost(Protocol):
+    """This host's processes: QEMUs (by PID) and the watchdog client."""
+
+    def local_vms(self) -> list[LocalVm]: ...
+    def start_vm(self, vm: ClusterVm) -> None: ...
+    def stop_vm(self, vm_uuid: str) -> None: ...
+    def kill_vm(self, vm_uuid: str) -> None: ...
+    def feed_watchdog(self, deadline: float, vm_uuids: list[str]) -> None: ...
+    def save_lease(self, lease_id: int | None) -> None: ...
+    def load_lease(self) -> int | None: ...
+    def log(self, message: str) -> None: ...
+
+
+class EtcdEnv:
+    def __init__(self, kv: EtcdKV, cluster: str, host: str, local: LocalHost) -> None:
+        self.kv = kv
+        self.keys = Keys(f"/parvisor/{cluster}/")
+        self.host = host
+        self.local = local
+
+    def now(self) -> float:
+        return time.monotonic()     # never time.time(): INV-6
+
+    def log(self, message: str) -> None:
+        self.local.log(message)
+
+    # --- etcd -----------------------------------------------------------------------
+    def read(self) -> Snapshot:
+        items, revision = self.kv.get_prefix(self.keys.prefix)
+        return parse_snapshot(self.keys, items, revision)
+
+    def lease_grant(self, ttl_s: float) -> int:
+        return self.kv.grant(ttl_s)
+
+    def lease_keepalive(self, lease_id: int) -> bool:
+        return self.kv.keepalive(lease_id)
+
+    def lease_revoke(self, lease_id: int) -> None:
+        self.kv.revoke(lease_id)
+
+    def register(self, lease_id: int, record: HostRecord) -> None:
+        body = json.dumps(asdict(record), sort_keys=True)
+        self.kv.txn([], [op_put(self.keys.host(self.host), body),
+                         op_put(self.keys.member(self.host), body, lease=lease_id)])
+
+    def campaign(self, lease_id: int) -> bool:
+        key = self.keys.manager
+        ok, _, responses = self.kv.txn([cmp_absent(key)],
+                                       [op_put(key, self.host, lease=lease_id)],
+                                       [op_get(key)])
+        if ok:
+            return True
+        kvs = parse_kvs(responses[0]["response_range"].get("kvs", []))
+        return bool(kvs) and kvs[0].value.decode() == self.host
+
+    def change_owner(self, vm_uuid: str, expected_revision: int, host: str,
+                     phase: OwnerPhase, require_absent: str | None) -> int | None:
+        compare = [cmp_mod(self.keys.owner(vm_uuid), expected_revision)]
+        if require_absent:
+            compare.append(cmp_absent(self.keys.member(require_absent)))
+        body = json.dumps({"host": host, "phase": phase.value})
+        ok, revision, _ = self.kv.txn(compare, [op_put(self.keys.owner(vm_uuid), body)])
+        return revision if ok else None
+
+    def write_status(self, vm_uuid: str, status: VmStatus) -> bool:
+        body = json.dumps({"phase": status.phase.value, "revision": status.revision,
+                           "reason": status.reason, "retryable": status.retryable})
+        ok, _, _ = self.kv.txn([cmp_mod(self.keys.owner(vm_uuid), status.revision)],
+                               [op_put(self.keys.status(vm_uuid), body)])
+        return ok
+
+    # --- this host (delegated) --------------------------------------------------------
+    def local_vms(self) -> list[LocalVm]:
+        return self.local.local_vms()
+
+    def start_vm(self, vm: ClusterVm) -> None:
+        self.local.start_vm(vm)
+
+    def stop_vm(self, vm_uuid: str) -> None:
+        self.local.stop_vm(vm_uuid)
+
+    def kill_vm(self, vm_uuid: str) -> None:
+        self.local.kill_vm(vm_uuid)
+
+    def feed_watchdog(self, deadline: float, vm_uuids: list[str]) -> None:
+        self.local.feed_watchdog(deadline, vm_uuids)
+
+    def save_lease(self, lease_id: int | None) -> None:
+        self.local.save_lease(lease_id)
+
+    def load_lease(self) -> int | None:
+        return self.local.load_lease()
+
+
+def parse_snapshot(keys: Keys, items: list[KeyValue], revision: int) -> Snapshot:
+    """Turn one prefix range into a Snapshot (unknown kinds are ignored)."""
+    by_kind: dict[str, dict[str, KeyValue]] = {}
+    for item in items:
+        kind, _, name = item.key[len(keys.prefix):].partition("/")
+        by_kind.setdefault(kind, {})[name] = item
+    hosts = {name: HostRecord(**json.loads(kv.value))
+             for name, kv in by_kind.get("hosts", {}).items()}
+    owners = {}
+    for uuid, kv in by_kind.get("owner", {}).items():
+        doc = json.loads(kv.value)
+        owners[uuid] = Owner(doc["host"], OwnerPhase(doc["phase"]), kv.mod_revision)
+    statuses = {}
+    for uuid, kv in by_kind.get("status", {}).items():
+        doc = json.loads(kv.value)
+        statuses[uuid] = VmStatus(VmPhase(doc["phase"]), doc["revision"], doc["reason"],
+                                  doc["retryable"])
+    vms = {uuid: _cluster_vm(uuid, kv, by_kind.get("hapolicy", {}).get(uuid))
+           for uuid, kv in by_kind.get("vm", {}).items()}
+    manager = by_kind.get("manager", {}).get("")
+    return Snapshot(revision, hosts, frozenset(by_kind.get("members", {})),
+                    frozenset(by_kind.get("maint", {})), vms, owners, statuses,
+                    manager.value.decode() if manager else None)
+
+
+def _cluster_vm(uuid: str, kv: KeyValue, policy: KeyValue | None) -> ClusterVm:
+    doc = json.loads(kv.value)
+    definition = doc["definition"]
+    ha = json.loads(policy.value) if policy else {}
+    return ClusterVm(
+        uuid=uuid, name=definition["name"], memory_bytes=definition["memory_bytes"],
+        vcpus=definition["vcpus"], desired_running=doc.get("desired_state") == "running",
+        ha=definition.get("ha", False), priority=Priority(ha.get("priority", "medium")),
+        anti_affinity=ha.get("anti_affinity"),
+        preferred_hosts=tuple(ha.get("preferred_hosts", ())),
+        on_shared_storage=ha.get("on_shared_storage", True))
