@@ -10,7 +10,9 @@ ROOT=$PWD
 VENV=$ROOT/.venv
 PARVISOR=$VENV/bin/parvisor
 APT_PACKAGES=(qemu-system-x86 qemu-utils busybox-static cpio qemu-guest-agent xz-utils zstd
-              kmod iproute2 python3-venv dnsmasq-base nftables)
+              kmod iproute2 python3-venv dnsmasq-base nftables
+              ovmf swtpm swtpm-tools grub-pc-bin grub-efi-amd64-bin dosfstools mtools fdisk
+              xorriso etcd-server etcd-client)
 
 say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 
