@@ -170,6 +170,15 @@ class GuestAgent:
     @asynccontextmanager
     async def _session(self, timeout: float) -> AsyncIterator[
             tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+        # The agent's chardev serves one client at a time; callers in this process (the
+        # heartbeat, `vm exec`, time sync) take turns instead of racing for the socket.
+        async with _socket_lock(self.socket_path):
+            async with self._connected(timeout) as streams:
+                yield streams
+
+    @asynccontextmanager
+    async def _connected(self, timeout: float) -> AsyncIterator[
+            tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
         try:
             reader, writer = await asyncio.wait_for(
                 asyncio.open_unix_connection(str(self.socket_path), limit=READ_LIMIT),
@@ -205,6 +214,20 @@ class GuestAgent:
             # Backoff: short commands answer in tens of ms, long ones are not hammered.
             await asyncio.sleep(min(interval, max(0.0, deadline - loop.time())))
             interval = min(interval * 2, EXEC_POLL_MAX)
+
+
+_LOCKS: dict[tuple[int, str], asyncio.Lock] = {}
+
+
+def _socket_lock(socket_path: Path) -> asyncio.Lock:
+    key = (id(asyncio.get_running_loop()), str(socket_path))
+    lock = _LOCKS.get(key)
+    if lock is None:
+        if len(_LOCKS) > 4096:       # VMs come and go; forget idle locks now and then
+            for stale in [k for k, v in _LOCKS.items() if not v.locked()]:
+                del _LOCKS[stale]
+        lock = _LOCKS[key] = asyncio.Lock()
+    return lock
 
 
 # --- wire format ---------------------------------------------------------------------------
