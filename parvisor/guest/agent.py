@@ -189,7 +189,7 @@ class GuestAgent:
         try:
             await _sync(reader, writer, min(timeout, SYNC_TIMEOUT))
             yield reader, writer
-        except (ConnectionError, BrokenPipeError) as exc:
+        except OSError as exc:  # reset, broken pipe, EINVAL from a chardev going away
             raise GuestAgentError(f"guest agent connection lost: {exc}",
                                   kind="disconnected") from exc
         finally:
