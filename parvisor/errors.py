@@ -19,7 +19,8 @@ Two branches matter to callers:
     │   ├── AlreadyExists            409  duplicate name
     │   ├── StateError               409  action not allowed in the VM's current state
     │   ├── Busy                     409  another operation holds the VM
-    │   └── Unauthorized             401  missing or wrong API token
+    │   ├── Unauthorized             401  missing or wrong API token / session
+    │   └── Forbidden                403  the role does not allow the action
     └── Failed                       (5xx, execution failure)
         ├── VmError                  500  QEMU launch/QMP/process failures
         │   └── QmpError             500  a QMP command returned an error
@@ -92,6 +93,13 @@ class Busy(Refused):
 class Unauthorized(Refused):
     code = "unauthorized"
     http_status = 401
+
+
+class Forbidden(Refused):
+    """Authenticated, but the role does not allow this (a viewer asking for a change)."""
+
+    code = "forbidden"
+    http_status = 403
 
 
 # --- failures: execution went wrong ----------------------------------------------------

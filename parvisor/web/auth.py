@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from parvisor.errors import InvalidInput, Refused, Unauthorized
+from parvisor.errors import Forbidden, InvalidInput, Unauthorized
 
 USERS_FILE_VERSION = 1
 SESSION_IDLE_S = 30 * 60          # a forgotten tab logs out after half an hour
@@ -33,13 +33,6 @@ SESSION_MAX_S = 12 * 3600         # and every session after a working day
 MIN_PASSWORD = 8
 # scrypt cost: n=2**14, r=8 (16 MiB, ~50 ms) - the interactive figure from the RFC 7914
 SCRYPT = {"n": 1 << 14, "r": 8, "p": 1}
-
-
-class Forbidden(Refused):
-    """Authenticated, but the role does not allow this (a viewer asking for a change)."""
-
-    code = "forbidden"
-    http_status = 403
 
 
 class Role(str, enum.Enum):
