@@ -18,9 +18,9 @@ from parvisor.config import load_config, state_dir_from_env
 
 _ERRORS_BY_CODE = {cls.code: cls for cls in (
     errors.InvalidInput, errors.NotFound, errors.AlreadyExists, errors.Busy,
-    errors.Unauthorized, errors.Forbidden, errors.VmError, errors.QmpError, errors.GuestAgentError,
-    errors.StorageError, errors.StoreError, errors.ImageError, errors.Refused,
-    errors.Failed)}
+    errors.Unauthorized, errors.Forbidden, errors.VmError, errors.QmpError,
+    errors.GuestAgentError, errors.StorageError, errors.StoreError, errors.ImageError,
+    errors.Refused, errors.Failed)}
 
 
 class ApiClient:
