@@ -8,7 +8,7 @@ owner's membership key to be absent (its lease expired). ``read`` is one range o
 the cluster prefix, so a snapshot is one etcd revision.
 
 Never: decide anything, or retry a write after a timeout (it may have committed).
-The ``LocalHost`` wiring to ``VmManager``/``QemuProcess`` is the next session's work.
+``parvisor.cluster.local_host`` is the ``LocalHost`` over the service's VmManager.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict
+from pathlib import Path
 from typing import Protocol
 
 from parvisor.cluster.env import ClusterVm, HostRecord, Snapshot, VmStatus
@@ -37,11 +38,14 @@ class LocalHost(Protocol):
     def save_lease(self, lease_id: int | None) -> None: ...
     def load_lease(self) -> int | None: ...
     def log(self, message: str) -> None: ...
+    def note_vms(self, vms: dict[str, ClusterVm]) -> None: ...   # HA flags, per read
 
 
 class EtcdEnv:
-    def __init__(self, kv: EtcdKV, cluster: str, host: str, local: LocalHost) -> None:
+    def __init__(self, kv: EtcdKV, cluster: str, host: str, local: LocalHost,
+                 shared_storage: Path | None = None) -> None:
         self.kv = kv
+        self.shared_storage = shared_storage
         self.keys = Keys(f"/parvisor/{cluster}/")
         self.host = host
         self.local = local
@@ -55,7 +59,11 @@ class EtcdEnv:
     # --- etcd -----------------------------------------------------------------------
     def read(self) -> Snapshot:
         items, revision = self.kv.get_prefix(self.keys.prefix)
-        return parse_snapshot(self.keys, items, revision)
+        snapshot = parse_snapshot(self.keys, items, revision, self.shared_storage)
+        note = getattr(self.local, "note_vms", None)   # optional: tests run no VMs
+        if note is not None:
+            note(snapshot.vms)
+        return snapshot
 
     def lease_grant(self, ttl_s: float) -> int:
         return self.kv.grant(ttl_s)
@@ -120,7 +128,8 @@ class EtcdEnv:
         return self.local.load_lease()
 
 
-def parse_snapshot(keys: Keys, items: list[KeyValue], revision: int) -> Snapshot:
+def parse_snapshot(keys: Keys, items: list[KeyValue], revision: int,
+                   shared_storage: Path | None = None) -> Snapshot:
     """Turn one prefix range into a Snapshot (unknown kinds are ignored)."""
     by_kind: dict[str, dict[str, KeyValue]] = {}
     for item in items:
@@ -137,7 +146,7 @@ def parse_snapshot(keys: Keys, items: list[KeyValue], revision: int) -> Snapshot
         doc = json.loads(kv.value)
         statuses[uuid] = VmStatus(VmPhase(doc["phase"]), doc["revision"], doc["reason"],
                                   doc["retryable"])
-    vms = {uuid: _cluster_vm(uuid, kv, by_kind.get("hapolicy", {}).get(uuid))
+    vms = {uuid: _cluster_vm(uuid, kv, by_kind.get("hapolicy", {}).get(uuid), shared_storage)
            for uuid, kv in by_kind.get("vm", {}).items()}
     manager = by_kind.get("manager", {}).get("")
     return Snapshot(revision, hosts, frozenset(by_kind.get("members", {})),
@@ -145,14 +154,29 @@ def parse_snapshot(keys: Keys, items: list[KeyValue], revision: int) -> Snapshot
                     manager.value.decode() if manager else None)
 
 
-def _cluster_vm(uuid: str, kv: KeyValue, policy: KeyValue | None) -> ClusterVm:
+def _cluster_vm(uuid: str, kv: KeyValue, policy: KeyValue | None,
+                shared_storage: Path | None = None) -> ClusterVm:
+    """The definition carries the HA policy (schema v5); an old ``hapolicy/`` key, if
+    any, still wins for the fields it names."""
     doc = json.loads(kv.value)
     definition = doc["definition"]
     ha = json.loads(policy.value) if policy else {}
+    preferred = ha.get("preferred_hosts", definition.get("preferred_hosts", ()))
     return ClusterVm(
         uuid=uuid, name=definition["name"], memory_bytes=definition["memory_bytes"],
         vcpus=definition["vcpus"], desired_running=doc.get("desired_state") == "running",
-        ha=definition.get("ha", False), priority=Priority(ha.get("priority", "medium")),
-        anti_affinity=ha.get("anti_affinity"),
-        preferred_hosts=tuple(ha.get("preferred_hosts", ())),
-        on_shared_storage=ha.get("on_shared_storage", True))
+        ha=definition.get("ha", False),
+        priority=Priority(ha.get("priority", definition.get("ha_priority", "medium"))),
+        anti_affinity=ha.get("anti_affinity", definition.get("anti_affinity")),
+        preferred_hosts=tuple(preferred),
+        on_shared_storage=ha.get("on_shared_storage",
+                                 disks_on(definition, shared_storage)))
+
+
+def disks_on(definition: dict, shared_storage: Path | None) -> bool:
+    """True when every disk file lies under the cluster storage path (unknown: True)."""
+    if shared_storage is None:
+        return True
+    root = shared_storage.resolve()
+    return all(Path(disk["path"]).resolve().is_relative_to(root)
+               for disk in definition.get("disks", ()) if disk.get("path"))

@@ -91,6 +91,7 @@ class EtcdKV:
                  tls: TlsFiles | None = None) -> None:
         if not endpoints:
             raise StoreError("no etcd endpoints given")
+        self.tls = tls
         self._clients = [self._client(url, timeout_s, tls) for url in endpoints]
         self.endpoints = list(endpoints)
 
@@ -156,7 +157,12 @@ class EtcdKV:
 
     def keepalive(self, lease_id: int) -> bool:
         reply = self.call("/lease/keepalive", {"ID": lease_id})
-        return int(reply.get("result", {}).get("TTL", 0)) > 0
+        # keepalive is a streaming RPC: the gateway answers 200 with {"error": ...} when
+        # the member cannot renew (no leader, minority). That is "unavailable", never
+        # "lease gone" (that is a result with TTL 0): mixing them up fences on a blip.
+        if "error" in reply or "result" not in reply:
+            raise ClusterUnavailable(f"lease keepalive failed: {reply.get('error', reply)}")
+        return int(reply["result"].get("TTL", 0)) > 0
 
     def revoke(self, lease_id: int) -> None:
         self.call("/kv/lease/revoke", {"ID": lease_id})

@@ -16,8 +16,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from parvisor.cluster.etcd_kv import (EtcdKV, KeyValue, cmp_absent, cmp_mod, cmp_present,
-                                      op_delete, op_put)
+from parvisor.cluster.etcd_kv import (EtcdKV, KeyValue, b64, cmp_absent, cmp_mod,
+                                      cmp_present, op_delete, op_put, prefix_end)
 from parvisor.errors import AlreadyExists, Busy, NotFound, StoreError
 from parvisor.model.states import VmState
 from parvisor.model.vm import VmDefinition, upgrade_definition
@@ -42,6 +42,10 @@ class Keys:
     def member(self, host: str) -> str: return f"{self.prefix}members/{host}"
     def host(self, host: str) -> str: return f"{self.prefix}hosts/{host}"
     def maintenance(self, host: str) -> str: return f"{self.prefix}maint/{host}"
+    def checkpoint(self, vm: str, cid: str) -> str: return f"{self.prefix}ckpt/{vm}/{cid}"
+    def checkpoints(self, vm: str) -> str: return f"{self.prefix}ckpt/{vm}/"
+    def checkpoint_current(self, vm: str) -> str: return f"{self.prefix}ckptcur/{vm}"
+    def checkpoint_seq(self, vm: str) -> str: return f"{self.prefix}ckptseq/{vm}"
 
     @property
     def event_seq(self) -> str: return f"{self.prefix}eventseq"
@@ -144,7 +148,10 @@ class EtcdStore:
         self.kv.txn([cmp_mod(self.keys.vm(vm_uuid), item.mod_revision)],
                     [op_delete(self.keys.vm(vm_uuid)), op_delete(self.keys.vm_name(name)),
                      op_delete(self.keys.owner(vm_uuid)), op_delete(self.keys.status(vm_uuid)),
-                     op_delete(self.keys.ha_policy(vm_uuid))])
+                     op_delete(self.keys.ha_policy(vm_uuid)),
+                     op_delete(self.keys.checkpoint_current(vm_uuid)),
+                     op_delete(self.keys.checkpoint_seq(vm_uuid)),
+                     op_delete_prefix(self.keys.checkpoints(vm_uuid))])
 
     # --- switches -------------------------------------------------------------------
     def put_switch(self, name: str, document: dict, *, create: bool) -> None:
@@ -171,6 +178,71 @@ class EtcdStore:
         ok, _, _ = self.kv.txn([cmp_present(key)], [op_delete(key)])
         if not ok:
             raise NotFound(f"no switch named '{name}'", name=name)
+
+    # --- checkpoints (documents owned by parvisor.ops.checkpoints) ---------------------
+    # Every change of a VM's checkpoints bumps ckptseq/<vm> in the same txn, compared on
+    # the revision read: concurrent changes (deletions too) make the loser retry.
+    def _checkpoint_state(self, vm_uuid: str) -> tuple[dict[str, dict], str | None, int]:
+        k = self.keys
+        items, _ = self.kv.get_prefix(k.checkpoints(vm_uuid))
+        docs = {item.key.rsplit("/", 1)[1]: json.loads(item.value) for item in items}
+        current = self.kv.get(k.checkpoint_current(vm_uuid))
+        seq = self.kv.get(k.checkpoint_seq(vm_uuid))
+        return docs, current.value.decode() if current else None, \
+            seq.mod_revision if seq else 0
+
+    def _checkpoint_txn(self, vm_uuid: str, plan) -> None:
+        k = self.keys
+        for _attempt in range(MAX_CAS_RETRIES):
+            docs, current, seq_rev = self._checkpoint_state(vm_uuid)
+            ops = plan(docs, current)
+            ok, _, _ = self.kv.txn([cmp_mod(k.checkpoint_seq(vm_uuid), seq_rev)],
+                                   [*ops, op_put(k.checkpoint_seq(vm_uuid), str(seq_rev))])
+            if ok:
+                return
+        raise StoreError(f"checkpoints of VM {vm_uuid} kept changing; gave up")
+
+    def put_checkpoint(self, document: dict, *, create: bool,
+                       make_current: bool = False) -> None:
+        vm_uuid, cid, name = document["vm_uuid"], document["id"], document["name"]
+
+        def plan(docs: dict[str, dict], _current: str | None) -> list[dict]:
+            if create and cid in docs:
+                raise AlreadyExists(f"checkpoint id {cid} already exists")
+            if not create and cid not in docs:
+                raise NotFound(f"no checkpoint {name!r} of this VM", name=name)
+            if any(d["name"] == name and i != cid for i, d in docs.items()):
+                raise AlreadyExists(f"the VM already has a checkpoint named {name!r}",
+                                    name=name)
+            ops = [op_put(self.keys.checkpoint(vm_uuid, cid),
+                          json.dumps(document, sort_keys=True))]
+            if make_current:
+                ops.append(op_put(self.keys.checkpoint_current(vm_uuid), cid))
+            return ops
+        self._checkpoint_txn(vm_uuid, plan)
+
+    def list_checkpoints(self, vm_uuid: str) -> list[dict]:
+        docs, _, _ = self._checkpoint_state(vm_uuid)
+        return sorted(docs.values(), key=lambda d: (d.get("created", 0), d["id"]))
+
+    def current_checkpoint(self, vm_uuid: str) -> str | None:
+        item = self.kv.get(self.keys.checkpoint_current(vm_uuid))
+        return item.value.decode() if item else None
+
+    def delete_checkpoint(self, vm_uuid: str, checkpoint_id: str) -> None:
+        def plan(docs: dict[str, dict], current: str | None) -> list[dict]:
+            if checkpoint_id not in docs:
+                raise NotFound(f"no checkpoint {checkpoint_id} of this VM")
+            parent = docs[checkpoint_id].get("parent")
+            ops = [op_put(self.keys.checkpoint(vm_uuid, cid),
+                          json.dumps({**doc, "parent": parent}, sort_keys=True))
+                   for cid, doc in sorted(docs.items()) if doc.get("parent") == checkpoint_id]
+            ops.append(op_delete(self.keys.checkpoint(vm_uuid, checkpoint_id)))
+            if current == checkpoint_id:
+                ops.append(op_put(self.keys.checkpoint_current(vm_uuid), parent)
+                           if parent else op_delete(self.keys.checkpoint_current(vm_uuid)))
+            return ops
+        self._checkpoint_txn(vm_uuid, plan)
 
     # --- events ---------------------------------------------------------------------
     def append_event(self, event: Event) -> Event:
@@ -204,3 +276,7 @@ class EtcdStore:
                                 doc["details"], doc["timestamp"],
                                 int(item.key.rsplit("/", 1)[1])))
         return events[-limit:] if limit else []
+
+
+def op_delete_prefix(prefix: str) -> dict:
+    return {"request_delete_range": {"key": b64(prefix), "range_end": prefix_end(prefix)}}

@@ -1,0 +1,33 @@
+"""Cluster routes: ``GET /v1/cluster`` (status) and host drain/resume. On a standalone
+host they answer 409 (not a cluster member)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from fastapi import FastAPI
+
+from parvisor.errors import StateError
+
+PREFIX = "/v1/cluster"
+
+
+def _runtime(service: Any) -> Any:
+    if getattr(service, "cluster", None) is None:
+        raise StateError("this host is not a cluster member (see parvisor cluster create)")
+    return service.cluster
+
+
+def install_cluster_routes(app: FastAPI, service: Any) -> None:
+    @app.get(PREFIX, tags=["cluster"])
+    async def cluster_status() -> dict[str, Any]:
+        return await asyncio.to_thread(_runtime(service).status)
+
+    @app.post(f"{PREFIX}/hosts/{{name}}/drain", tags=["cluster"])
+    async def drain_host(name: str) -> dict[str, Any]:
+        return await asyncio.to_thread(_runtime(service).set_maintenance, name, True)
+
+    @app.post(f"{PREFIX}/hosts/{{name}}/resume", tags=["cluster"])
+    async def resume_host(name: str) -> dict[str, Any]:
+        return await asyncio.to_thread(_runtime(service).set_maintenance, name, False)
