@@ -57,6 +57,7 @@ ACTIONS: dict[str, frozenset[VmState]] = {
     "delete": frozenset({S.OFF, S.CRASHED, S.SAVED}),
     "edit": frozenset({S.OFF, S.CRASHED}),
     "exec": frozenset({S.RUNNING}),
+    "hot-plug": frozenset({S.RUNNING}),      # vm set / nic / disk on a live VM
     "console": frozenset({S.RUNNING, S.PAUSED, S.STARTING}),
 }
 

@@ -18,12 +18,13 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from parvisor.model.sizes import parse_size
 from parvisor.model.states import VmState
 
-DEFINITION_VERSION = 2
+DEFINITION_VERSION = 5
 MAX_VCPUS = 64                 # q35 + our argv; later issues may raise it
 MIN_MEMORY = 32 << 20          # below this no Linux kernel gets to userspace
 MAX_MEMORY = 1 << 40
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
-DEFAULT_VCPU_HEADROOM = 4      # max_vcpus defaults to vcpus * ... capped, see defaults()
+DEFAULT_VCPU_HEADROOM = 4      # max_vcpus defaults to max(vcpus, 4): hot-add room
+MemoryHotplug = Literal["virtio-mem", "dimm"]
 
 
 class Strict(BaseModel):
@@ -73,6 +74,9 @@ class DiskSpec(Strict):
     bus: Literal["virtio-blk", "virtio-scsi", "ide", "ahci"] = "virtio-blk"
     media: Literal["disk", "cdrom"] = "disk"
     readonly: bool = False
+    # True: parvisor created this file for this VM (vm create --disk-size) and deletes it
+    # with the VM; user-supplied disks and shared bases are never deleted.
+    owned: bool = False
 
     @model_validator(mode="after")
     def _media(self) -> "DiskSpec":
@@ -95,6 +99,41 @@ class NicSpec(Strict):
     vlan: int | None = Field(default=None, ge=1, le=4094)
 
 
+class DynamicMemory(Strict):
+    """Hyper-V's Dynamic Memory: a balloon moves the guest between min and max
+    (``parvisor.ops.dynamic_memory``); ``memory_bytes`` is the startup amount."""
+
+    min_bytes: int = Field(ge=MIN_MEMORY, le=MAX_MEMORY)
+    max_bytes: int = Field(ge=MIN_MEMORY, le=MAX_MEMORY)
+    buffer_pct: int = Field(default=20, ge=5, le=200)   # spare memory kept above use
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "DynamicMemory":
+        if self.min_bytes > self.max_bytes:
+            raise ValueError("dynamic memory: min exceeds max")
+        if self.min_bytes % (1 << 20) or self.max_bytes % (1 << 20):
+            raise ValueError("dynamic memory: min and max must be whole MiB")
+        return self
+
+
+class ResourceControls(Strict):
+    """Hyper-V's relative weight / limit, for the QEMU process (cgroups) and its disks
+    (QEMU I/O throttling). 0 means no limit."""
+
+    cpu_weight: int = Field(default=100, ge=1, le=10000)     # relative; 100 = normal
+    cpu_limit_pct: int = Field(default=0, ge=0, le=100)      # % of the VM's vCPUs
+    disk_iops_limit: int = Field(default=0, ge=0, le=10_000_000)
+    disk_bandwidth_bytes: int = Field(default=0, ge=0, le=1 << 40)   # per second
+
+    @property
+    def any_cpu(self) -> bool:
+        return self.cpu_weight != 100 or self.cpu_limit_pct > 0
+
+    @property
+    def any_disk(self) -> bool:
+        return self.disk_iops_limit > 0 or self.disk_bandwidth_bytes > 0
+
+
 class VmDefinition(Strict):
     schema_version: int = DEFINITION_VERSION
     name: str
@@ -104,6 +143,11 @@ class VmDefinition(Strict):
     memory_bytes: int = Field(default=256 << 20, ge=MIN_MEMORY, le=MAX_MEMORY)
     max_memory_bytes: int = Field(default=0, ge=0, le=MAX_MEMORY)  # 0: same as memory
     boot: Boot
+    # How memory changes while running: virtio-mem (grows and shrinks in blocks; Linux
+    # 5.8+) or pc-dimm slots (grow only without guest help). Default: see _defaults.
+    memory_hotplug: MemoryHotplug = "virtio-mem"
+    dynamic_memory: DynamicMemory | None = None
+    resources: ResourceControls = ResourceControls()
     generation: Literal[1, 2] = 1          # 1: BIOS (SeaBIOS), 2: UEFI (OVMF)
     secure_boot: bool = False              # generation 2 only
     tpm: bool = False                      # a virtual TPM (swtpm)
@@ -112,15 +156,33 @@ class VmDefinition(Strict):
     disks: tuple[DiskSpec, ...] = ()
     nics: tuple[NicSpec, ...] = ()
     ha: bool = False
+    # failover cluster policy (parvisor.cluster): restart order, hard anti-affinity
+    # group, hosts to try first
+    ha_priority: Literal["high", "medium", "low", "none"] = "medium"
+    anti_affinity: str | None = None
+    preferred_hosts: tuple[str, ...] = ()
     auto_start_action: AutoStartAction = AutoStartAction.START_IF_RUNNING
     auto_start_delay_s: int = Field(default=0, ge=0, le=3600)
     auto_stop_action: AutoStopAction = AutoStopAction.SAVE
     notes: str = Field(default="", max_length=4096)
+    # A template's disks are the read-only parents of linked clones (vm clone --linked):
+    # it must not start or write while they depend on it (parvisor.ops.clones).
+    template: bool = False
 
     @field_validator("name")
     @classmethod
     def _name(cls, value: str) -> str:
         return validate_name(value)
+
+    @field_validator("anti_affinity")
+    @classmethod
+    def _group(cls, value: str | None) -> str | None:
+        return validate_name(value, "anti-affinity group") if value else None
+
+    @field_validator("preferred_hosts")
+    @classmethod
+    def _hosts(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(validate_name(host, "host name") for host in value)
 
     @field_validator("uuid")
     @classmethod
@@ -152,6 +214,9 @@ class VmDefinition(Strict):
                 memory = data["memory_bytes"] = parse_size(memory, what="memory")
             if not data.get("max_memory_bytes"):
                 data["max_memory_bytes"] = memory
+            if "memory_hotplug" not in data:   # virtio-mem needs a Linux driver
+                data["memory_hotplug"] = ("virtio-mem" if data.get("os_type", "linux")
+                                          == "linux" else "dimm")
         return data
 
     @model_validator(mode="after")
@@ -172,6 +237,10 @@ class VmDefinition(Strict):
             raise ValueError(f"boot_order names unknown devices: {sorted(unknown)}")
         if self.secure_boot and self.generation != 2:
             raise ValueError("secure boot needs a generation 2 (UEFI) VM")
+        dyn = self.dynamic_memory
+        if dyn and not dyn.min_bytes <= self.memory_bytes <= dyn.max_bytes:
+            raise ValueError("with dynamic memory, memory (the startup amount) must lie "
+                             "between its min and max")
         return self
 
 
@@ -189,6 +258,11 @@ class VmStatus(BaseModel):
     max_vcpus: int
     memory_bytes: int
     max_memory_bytes: int
+    memory_hotplug: str = "virtio-mem"
+    dynamic_memory: DynamicMemory | None = None
+    resources: ResourceControls = ResourceControls()
+    # Runtime memory while QEMU runs: what the guest has now (balloon / virtio-mem).
+    memory_current_bytes: int | None = None
     boot: Boot
     generation: int = 1
     secure_boot: bool = False
@@ -198,6 +272,10 @@ class VmStatus(BaseModel):
     disks: list[dict[str, Any]]
     nics: list[dict[str, Any]]
     ha: bool
+    ha_priority: str = "medium"
+    anti_affinity: str | None = None
+    preferred_hosts: list[str] = []
+    ha_status: str = ""         # cluster: protected / not protected / error, with why
     auto_start_action: AutoStartAction
     auto_start_delay_s: int
     auto_stop_action: AutoStopAction
@@ -209,6 +287,7 @@ class VmStatus(BaseModel):
     pid: int | None = None
     uptime_s: float | None = None
     revision: int = 0            # bumps on every stored change (optimistic concurrency)
+    template: bool = False       # parent of linked clones: cannot start (ops.clones)
 
 
 def _v1_to_v2(data: dict[str, Any]) -> dict[str, Any]:
@@ -217,7 +296,25 @@ def _v1_to_v2(data: dict[str, Any]) -> dict[str, Any]:
     return {**data, "schema_version": 2}
 
 
-_UPGRADES = {1: _v1_to_v2}
+def _v2_to_v3(data: dict[str, Any]) -> dict[str, Any]:
+    # v3 added memory_hotplug, dynamic_memory and resources. A v2 VM's QEMU (maybe
+    # still running, re-adopted) laid memory out in pc-dimm slots: say so exactly.
+    return {**data, "memory_hotplug": data.get("memory_hotplug", "dimm"),
+            "schema_version": 3}
+
+
+def _v3_to_v4(data: dict[str, Any]) -> dict[str, Any]:
+    # v4 added template (linked clones); no v3 VM was one.
+    return {**data, "template": False, "schema_version": 4}
+
+
+def _v4_to_v5(data: dict[str, Any]) -> dict[str, Any]:
+    # v5 added the cluster HA policy; the defaults are what the cluster assumed before.
+    return {**data, "ha_priority": "medium", "anti_affinity": None,
+            "preferred_hosts": [], "schema_version": 5}
+
+
+_UPGRADES = {1: _v1_to_v2, 2: _v2_to_v3, 3: _v3_to_v4, 4: _v4_to_v5}
 
 
 def upgrade_definition(data: dict[str, Any]) -> dict[str, Any]:

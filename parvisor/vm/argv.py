@@ -20,10 +20,16 @@ from dataclasses import dataclass
 from typing import Literal
 
 from parvisor.model.vm import DiskBoot, DiskSpec, KernelBoot, NicSpec, VmDefinition
+from parvisor.vm.firmware import cpu_model, firmware_args, machine_type, rtc_base
 from parvisor.vm.paths import VmPaths
 
 HOTPLUG_ROOT_PORTS = 8          # spare pcie-root-ports for later device_add
 MEMORY_HOTPLUG_SLOTS = 8        # pc-dimm slots when max memory exceeds memory
+VIRTIO_MEM_BLOCK = 2 << 20      # QEMU's default virtio-mem block size on x86 (THP size)
+VIRTIO_MEM_ID = "vmem0"         # the one virtio-mem device (memory above the boot size)
+BALLOON_ID = "balloon0"         # virtio-balloon of dynamic-memory VMs
+SCSI_CONTROLLER_ID = "scsi0"
+HOTPLUG_PORT_PREFIX = "hotplug"
 AHCI_PORTS = 6                  # q35's built-in ICH9 AHCI has ide.0 .. ide.5
 TAP_PREFIX = "pv"
 IFNAMSIZ_MAX = 15               # Linux interface names: 15 chars + NUL
@@ -45,6 +51,8 @@ class LaunchSpec:
     run_as: str | None = None
     incoming: bool = False
     start_paused: bool = False
+    # disk ids whose files sit where O_DIRECT fails (e.g. old tmpfs): host page cache
+    buffered_disks: frozenset[str] = frozenset()
 
 
 # --- names shared with other layers -------------------------------------------------------
@@ -100,12 +108,14 @@ def base_args(spec: LaunchSpec) -> list[str]:
     # -nodefaults/-no-user-config: only the devices we list exist, whatever the host's
     # QEMU config says; -msg timestamp makes qemu.log readable after the fact.
     return ["-nodefaults", "-no-user-config", "-msg", "timestamp=on",
-            "-display", "none", "-rtc", "base=utc"]
+            "-display", "none", "-rtc", f"base={rtc_base(spec.definition)}"]
 
 
 def machine_args(spec: LaunchSpec) -> list[str]:
-    cpu = "host" if spec.accelerator == "kvm" else "max"
-    return ["-machine", "q35", "-accel", spec.accelerator, "-cpu", cpu]
+    # Machine options and CPU model depend on generation / OS: see parvisor.vm.firmware.
+    d = spec.definition
+    return ["-machine", machine_type(d), "-accel", spec.accelerator,
+            "-cpu", cpu_model(d, spec.accelerator)]
 
 
 def smp_args(spec: LaunchSpec) -> list[str]:
@@ -114,13 +124,39 @@ def smp_args(spec: LaunchSpec) -> list[str]:
     return ["-smp", f"cpus={d.vcpus},maxcpus={max_vcpus}"]
 
 
+def virtio_mem_region(definition: VmDefinition) -> int:
+    """Bytes of the virtio-mem region: max memory above the boot size, in whole blocks."""
+    if definition.dynamic_memory or definition.memory_hotplug != "virtio-mem":
+        return 0
+    spare = max(0, definition.max_memory_bytes - definition.memory_bytes)
+    return spare - spare % VIRTIO_MEM_BLOCK
+
+
 def memory_args(spec: LaunchSpec) -> list[str]:
+    # The boot size is the current memory_bytes, so a restart comes back with what the
+    # VM had; what may be added later sits above it (docs/hot-add.md). Dynamic memory
+    # boots with its max and the balloon takes the guest down to its target at once.
     d = spec.definition
+    if d.dynamic_memory:
+        return ["-m", f"size={max(d.dynamic_memory.max_bytes, d.memory_bytes) >> 20}M"]
     mib = d.memory_bytes >> 20
+    region = virtio_mem_region(d)
+    if region:
+        return ["-m", f"size={mib}M,maxmem={(d.memory_bytes + region) >> 20}M",
+                "-object", f"memory-backend-ram,id={VIRTIO_MEM_ID}-mem,size={region >> 20}M",
+                "-device", f"virtio-mem-pci,id={VIRTIO_MEM_ID},memdev={VIRTIO_MEM_ID}-mem"
+                           ",requested-size=0"]
     max_mib = max(d.max_memory_bytes, d.memory_bytes) >> 20
-    if max_mib > mib:
+    if max_mib > mib and d.memory_hotplug == "dimm":
         return ["-m", f"size={mib}M,slots={MEMORY_HOTPLUG_SLOTS},maxmem={max_mib}M"]
     return ["-m", f"size={mib}M"]
+
+
+def balloon_args(spec: LaunchSpec) -> list[str]:
+    # Only dynamic-memory VMs: the guest statistics it reports drive the host policy.
+    if not spec.definition.dynamic_memory:
+        return []
+    return ["-device", f"virtio-balloon-pci,id={BALLOON_ID}"]
 
 
 def boot_args(spec: LaunchSpec) -> list[str]:
@@ -140,24 +176,66 @@ def boot_args(spec: LaunchSpec) -> list[str]:
 def hotplug_port_args(spec: LaunchSpec) -> list[str]:
     args: list[str] = []
     for index in range(HOTPLUG_ROOT_PORTS):
-        args += ["-device", f"pcie-root-port,id=hotplug{index},bus=pcie.0,chassis={index + 1}"]
+        args += ["-device", f"pcie-root-port,id={HOTPLUG_PORT_PREFIX}{index},bus=pcie.0"
+                            f",chassis={index + 1}"]
     return args
 
 
-def disk_blockdev_args(disk: DiskSpec) -> list[str]:
+def disk_cache_options(direct_io: bool = True) -> str:
+    """Cache and AIO mode of a disk's nodes (docs/io-model.md explains the choice).
+
+    cache.direct=on (O_DIRECT): guest data bypasses the host page cache, so a VM's
+    memory is not counted twice, host memory pressure cannot stall guest writes, and
+    live migration sees no stale host cache. Flushes are still passed through
+    (cache.no-flush=off), and the device keeps its write cache on, so the guest's own
+    fsync/FUA decide durability: safe. aio=native (Linux AIO) needs O_DIRECT and is the
+    long-proven fast path; io_uring is faster on new kernels but is often blocked by
+    container seccomp profiles. Where O_DIRECT is unavailable, aio=threads with the
+    host page cache is the only mode that opens at all.
+    """
+    if direct_io:
+        return "cache.direct=on,aio=native"
+    return "cache.direct=off,aio=threads"
+
+
+def disk_blockdev_args(disk: DiskSpec, *, direct_io: bool = True) -> list[str]:
+    assert disk.path is not None, "an empty CD drive has no block nodes"
     file_node, fmt_node = disk_node_names(disk)
     ro = _on_off(disk.readonly)
+    cache = disk_cache_options(direct_io)
+    # The format node repeats cache.direct so that backing files QEMU opens below it
+    # (differencing disks) inherit O_DIRECT too. discard=unmap passes guest TRIM down
+    # so thin images shrink; detect-zeroes=unmap turns written zero blocks into
+    # discards (a guest zeroing a disk keeps the image thin). Both only for writers.
+    writes = "" if disk.readonly else ",discard=unmap"
+    zeroes = "" if disk.readonly else ",detect-zeroes=unmap"
     return [
         "-blockdev",
         f"driver=file,node-name={file_node},filename={opt(disk.path)},read-only={ro}"
-        ",discard=unmap",
+        f",{cache}{writes}",
         "-blockdev",
         f"driver={disk.format},node-name={fmt_node},file={file_node},read-only={ro}"
-        ",discard=unmap",
+        f",cache.direct={_on_off(direct_io)}{writes}{zeroes}",
     ]
 
 
+def cdrom_device_args(disk: DiskSpec, *, ide_port: int | None,
+                      bootindex: int | None) -> list[str]:
+    # An empty drive has no drive=; QEMU gives it an anonymous backend so a medium can
+    # be inserted later over QMP (blockdev-change-medium on the device id).
+    props = f"id={disk_device_id(disk)}"
+    if disk.path is not None:
+        props = f"drive={disk_node_names(disk)[1]},{props}"
+    if bootindex is not None:
+        props += f",bootindex={bootindex}"
+    if disk.bus == "virtio-scsi":
+        return ["-device", f"scsi-cd,bus=scsi0.0,{props}"]
+    return ["-device", f"ide-cd,bus=ide.{ide_port},{props}"]
+
+
 def disk_device_args(disk: DiskSpec, *, ide_port: int | None, bootindex: int | None) -> list[str]:
+    if disk.media == "cdrom":
+        return cdrom_device_args(disk, ide_port=ide_port, bootindex=bootindex)
     _, fmt_node = disk_node_names(disk)
     common = f"drive={fmt_node},id={disk_device_id(disk)}"
     if bootindex is not None:
@@ -176,24 +254,34 @@ def disk_device_args(disk: DiskSpec, *, ide_port: int | None, bootindex: int | N
 
 def scsi_controller_args(spec: LaunchSpec) -> list[str]:
     if any(d.bus == "virtio-scsi" for d in spec.definition.disks):
-        return ["-device", "virtio-scsi-pci,id=scsi0"]
+        return ["-device", f"virtio-scsi-pci,id={SCSI_CONTROLLER_ID}"]
     return []
+
+
+def boot_indexes(definition: VmDefinition) -> dict[str, int]:
+    """bootindex per device id: the explicit boot order, else (booting from disk) the
+    disks in their order; a kernel boot needs none (-kernel wins)."""
+    if definition.boot_order:
+        return {dev_id: index for index, dev_id in enumerate(definition.boot_order)}
+    if isinstance(definition.boot, DiskBoot):
+        return {disk.id: index for index, disk in enumerate(definition.disks)}
+    return {}
 
 
 def disks_args(spec: LaunchSpec) -> list[str]:
     d = spec.definition
-    boot_from_disk = isinstance(d.boot, DiskBoot)
+    bootindex = boot_indexes(d)
     args: list[str] = []
     ide_port = 0
-    for index, disk in enumerate(d.disks):
+    for disk in d.disks:
         port = None
         if disk.bus in ("ide", "ahci"):
             if ide_port >= AHCI_PORTS:
                 raise ValueError(f"at most {AHCI_PORTS} ide/ahci disks are supported")
             port, ide_port = ide_port, ide_port + 1
-        args += disk_blockdev_args(disk)
-        args += disk_device_args(disk, ide_port=port,
-                                 bootindex=index if boot_from_disk else None)
+        if disk.path is not None:
+            args += disk_blockdev_args(disk, direct_io=disk.id not in spec.buffered_disks)
+        args += disk_device_args(disk, ide_port=port, bootindex=bootindex.get(disk.id))
     return args
 
 
@@ -267,7 +355,8 @@ def start_args(spec: LaunchSpec) -> list[str]:
     return args
 
 
-_PARTS = (identity_args, base_args, machine_args, smp_args, memory_args, boot_args,
+_PARTS = (identity_args, base_args, machine_args, firmware_args, smp_args, memory_args,
+          balloon_args, boot_args,
           hotplug_port_args, scsi_controller_args, disks_args, nics_args, serial_args,
           guest_agent_args, qmp_args, display_args, sandbox_args, process_args, start_args)
 

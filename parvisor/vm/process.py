@@ -33,6 +33,7 @@ from parvisor.errors import QmpError, VmError
 from parvisor.qmp.client import EventCallback, MigrationInfo, QmpConnection, RunStatus
 from parvisor.vm.argv import LaunchSpec, build_argv
 from parvisor.vm.paths import VmPaths
+from parvisor.vm.prelaunch import prepare_platform, release_platform
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +168,9 @@ class QemuProcess:
         self._requested_exit: str | None = None   # why *we* made it exit, if we did
         self._exit_info: ExitInfo | None = None
         self._exit_lock = asyncio.Lock()
+        # (event name, match(data), future): one-shot waits for device_del & co.
+        self._event_waiters: list[tuple[str, Callable[[dict[str, Any]], bool],
+                                        asyncio.Future[dict[str, Any]]]] = []
         loop = asyncio.get_running_loop()
         self._exited: asyncio.Future[None] = loop.create_future()
         loop.add_reader(pidfd, self._on_pidfd_readable)
@@ -187,7 +191,12 @@ class QemuProcess:
         prepare_root(paths, spec.run_as)
         remove_runtime_files(paths)
         argv = build_argv(spec)
-        child, offset = _spawn(argv, paths.stderr_log)
+        prepare_platform(spec)      # UEFI NVRAM, swtpm: released once QEMU has exited
+        try:
+            child, offset = _spawn(argv, paths.stderr_log)
+        except BaseException:
+            release_platform(paths)
+            raise
         proc: QemuProcess | None = None
         started = False
         try:
@@ -400,9 +409,26 @@ class QemuProcess:
         if not self._exited.done():
             self._exited.set_result(None)
 
+    def expect_event(self, name: str, match: Callable[[dict[str, Any]], bool]
+                     ) -> "asyncio.Future[dict[str, Any]]":
+        """A future for the next event ``name`` whose data satisfies ``match``.
+
+        Register *before* sending the command that causes it (an event may arrive
+        before the command's reply); cancel the future to stop waiting."""
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._event_waiters.append((name, match, future))
+        return future
+
     def _on_qmp_event(self, name: str, data: dict[str, Any]) -> None:
         if name == "SHUTDOWN":
             self._shutdown_event = data
+        for waiter in list(self._event_waiters):
+            wanted, match, future = waiter
+            if future.done():
+                self._event_waiters.remove(waiter)
+            elif wanted == name and match(data):
+                future.set_result(data)
+                self._event_waiters.remove(waiter)
         if self._user_on_event is not None:
             self._user_on_event(name, data)
 
@@ -422,6 +448,7 @@ class QemuProcess:
                 await self._qmp.wait_closed(0.5)
                 await self._qmp.disconnect()
                 returncode = self._reap()
+                release_platform(self.paths)
                 self._exit_info = self._classify_exit(returncode)
                 self._release_pidfd()
                 log.info("vm %s: QEMU pid %d exited: %s", self.vm_uuid, self.pid,
@@ -563,6 +590,7 @@ async def _kill_failed_launch(proc: QemuProcess | None, child: subprocess.Popen[
         await proc._qmp.disconnect()
         proc._release_pidfd()
     remove_runtime_files(paths)
+    release_platform(paths)
 
 
 async def _wait_child(child: subprocess.Popen[bytes], timeout: float) -> None:

@@ -109,7 +109,8 @@ def test_sandbox_denies_privileges_unless_run_as() -> None:
 
 def test_memory_hotplug_slots_only_when_max_exceeds_memory() -> None:
     assert qargv.memory_args(spec(definition(memory_bytes="512M"))) == ["-m", "size=512M"]
-    assert qargv.memory_args(spec(definition(memory_bytes="512M", max_memory_bytes="2G"))) == [
+    assert qargv.memory_args(spec(definition(memory_bytes="512M", max_memory_bytes="2G",
+                                             memory_hotplug="dimm"))) == [
         "-m", "size=512M,slots=8,maxmem=2048M"]
 
 
@@ -164,9 +165,97 @@ def test_tap_name_is_short_deterministic_and_distinct() -> None:
     assert name != tap_name("0b0e5a4e-5c1d-4d7e-9a55-3f2b8c6d7e02", "eth0")
 
 
+CD_AND_BOOT_ORDER = {
+    "name": "install", "uuid": UUID, "boot": {"kind": "disk"},
+    "boot_order": ["cd0", "root"],
+    "disks": [
+        {"id": "root", "path": "/var/lib/parvisor/storage/vms/install/root.qcow2"},
+        {"id": "data", "path": "/srv/tmpfs/data.raw", "format": "raw", "bus": "virtio-scsi"},
+        {"id": "cd0", "path": "/var/lib/parvisor/storage/iso/debian.iso", "format": "raw",
+         "bus": "ahci", "media": "cdrom", "readonly": True},
+        {"id": "cd1", "path": None, "bus": "virtio-scsi", "media": "cdrom", "readonly": True},
+    ],
+}
+
+
+def test_golden_cd_drives_boot_order_and_buffered_disk() -> None:
+    vm = VmDefinition.model_validate(CD_AND_BOOT_ORDER)
+    check_golden("tcg_cd_boot_order", build_argv(spec(vm, buffered_disks=frozenset({"data"}))))
+
+
+def test_disk_cache_defaults_direct_native_and_thin() -> None:
+    vm = definition(disks=[{"id": "d0", "path": "/d0.qcow2"}])
+    file_node, fmt_node = qargv.disks_args(spec(vm))[1:4:2]
+    assert "cache.direct=on,aio=native,discard=unmap" in file_node
+    assert "cache.direct=on,discard=unmap,detect-zeroes=unmap" in fmt_node
+    buffered = qargv.disks_args(spec(vm, buffered_disks=frozenset({"d0"})))
+    assert "cache.direct=off,aio=threads" in buffered[1]
+
+
+def test_boot_order_sets_bootindex_only_on_listed_devices() -> None:
+    vm = definition(disks=[{"id": "a", "path": "/a"}, {"id": "b", "path": "/b"}],
+                    boot_order=["b"])
+    devices = [a for a in build_argv(spec(vm)) if a.startswith("virtio-blk-pci")]
+    assert devices == ["virtio-blk-pci,drive=fmt-a,id=disk-a",
+                       "virtio-blk-pci,drive=fmt-b,id=disk-b,bootindex=0"]
+
+
+def test_empty_cd_drive_has_no_block_nodes() -> None:
+    vm = definition(disks=[{"id": "cd0", "path": None, "media": "cdrom", "bus": "ide",
+                            "readonly": True}])
+    assert qargv.disks_args(spec(vm)) == ["-device", "ide-cd,bus=ide.0,id=disk-cd0"]
+
+
 def test_every_part_returns_strings() -> None:
     vm = VmDefinition.model_validate(TWO_DISKS_TWO_NICS)
     s = spec(vm, run_as="x", incoming=True)
     for part in qargv._PARTS:
         args = part(s)
         assert isinstance(args, list) and all(isinstance(a, str) for a in args), part.__name__
+
+
+# --- firmware generations and guest OS (parvisor.vm.firmware) ----------------------------
+def test_golden_gen2_uefi_disk_boot() -> None:
+    vm = definition(generation=2, boot={"kind": "disk"},
+                    disks=[{"id": "boot", "path": "/var/lib/parvisor/storage/vms/b.qcow2"}])
+    check_golden("tcg_gen2_uefi_disk", build_argv(spec(vm)))
+
+
+def test_golden_gen2_secure_boot_with_tpm() -> None:
+    vm = definition(generation=2, secure_boot=True, tpm=True)
+    check_golden("tcg_gen2_secure_boot_tpm", build_argv(spec(vm)))
+
+
+def test_golden_windows_under_kvm_has_hyperv_enlightenments() -> None:
+    vm = definition(os_type="windows", generation=2, tpm=True)
+    check_golden("kvm_windows_gen2", build_argv(spec(vm, accelerator="kvm")))
+
+
+def test_windows_under_tcg_gets_no_enlightenments_but_local_time() -> None:
+    argv = build_argv(spec(definition(os_type="windows")))
+    assert argv[argv.index("-cpu") + 1] == "max"
+    assert argv[argv.index("-rtc") + 1] == "base=localtime"
+
+
+# --- hot-add layouts (issue 4) ------------------------------------------------------------
+def test_golden_virtio_mem_layout() -> None:
+    vm = definition(vcpus=1, memory_bytes="256M", max_memory_bytes="1G")
+    check_golden("tcg_virtio_mem", build_argv(spec(vm)))
+
+
+def test_golden_dynamic_memory_balloon() -> None:
+    vm = definition(memory_bytes="256M", max_memory_bytes="256M",
+                    dynamic_memory={"min_bytes": 128 << 20, "max_bytes": 512 << 20})
+    check_golden("tcg_dynamic_memory", build_argv(spec(vm)))
+
+
+def test_virtio_mem_region_is_whole_blocks_and_absent_without_headroom() -> None:
+    assert qargv.virtio_mem_region(definition(memory_bytes="256M")) == 0
+    odd = definition(memory_bytes="256M", max_memory_bytes="1025M")
+    assert qargv.virtio_mem_region(odd) == 768 << 20
+    assert qargv.memory_args(spec(odd))[1] == "size=256M,maxmem=1024M"
+
+
+def test_windows_guests_default_to_dimm_slots() -> None:
+    assert definition(os_type="windows").memory_hotplug == "dimm"
+    assert definition().memory_hotplug == "virtio-mem"

@@ -3,7 +3,7 @@ from pydantic import ValidationError
 
 from parvisor.errors import InvalidInput
 from parvisor.model.sizes import format_size, parse_size
-from parvisor.model.vm import VmDefinition, upgrade_definition
+from parvisor.model.vm import DEFINITION_VERSION, VmDefinition, upgrade_definition
 from parvisor.ops.vms import validated_definition
 
 KERNEL = {"kind": "kernel", "kernel": "/k"}
@@ -31,7 +31,7 @@ def test_format_size_round_trips():
 def test_defaults_give_headroom_and_max_memory():
     d = VmDefinition(name="a", boot=KERNEL, vcpus=2, memory_bytes="512M")
     assert d.max_vcpus == 4 and d.max_memory_bytes == 512 << 20
-    assert d.schema_version == 2 and d.generation == 1
+    assert d.schema_version == DEFINITION_VERSION and d.generation == 1
 
 
 @pytest.mark.parametrize("name", ["../x", "a/b", "x\ny", "", "-lead", "a" * 64, "ü", "a b"])
@@ -68,7 +68,7 @@ def test_json_round_trip_and_newer_versions_refused():
 def test_version_1_definitions_are_upgraded():
     v1 = {"schema_version": 1, "name": "old", "boot": KERNEL}
     upgraded = VmDefinition.model_validate(upgrade_definition(v1))
-    assert upgraded.schema_version == 2 and upgraded.generation == 1 and not upgraded.tpm
+    assert upgraded.schema_version == DEFINITION_VERSION and upgraded.generation == 1 and not upgraded.tpm
 
 
 def test_device_rules():
