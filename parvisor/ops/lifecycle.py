@@ -14,10 +14,13 @@ import logging
 import shutil
 from typing import Any
 
-from parvisor.errors import ParvisorError, StateError
+from parvisor.errors import ParvisorError
 from parvisor.guest.agent import GuestAgent
 from parvisor.model.states import ACTIVE_STATES, VmState, check_action
+from parvisor.ops import disks as disk_ops
 from parvisor.ops.jobs import Job
+from parvisor.ops.clones import release_template_if_unused
+from parvisor.ops.nics import plug_nics, unplug_nics
 from parvisor.ops.runtime import VmRuntime, heartbeat_loop
 from parvisor.store.base import VmRecord
 from parvisor.testing.crashpoints import crashpoint
@@ -37,6 +40,8 @@ class LifecycleActions:
             return {"job": self.restore(name).to_dict()}
         runtime = self.runtime(record.uuid)
         async with runtime.exclusive("start", name):
+            # a template with linked clones must not write to its disks (ops.clones)
+            record = release_template_if_unused(self, self.store.get_vm(name))
             await self._launch(record, runtime)
         return {"vm": self.show(name).model_dump(mode="json"),
                 "warning": self.accelerator.warning}
@@ -46,11 +51,13 @@ class LifecycleActions:
         restoring = record.state == S.SAVED
         record = self.set_state(record, S.STARTING, desired="running")
         try:
+            await self._plug_nics(record)
             process = await QemuProcess.launch(
                 self._launch_spec(record.definition, incoming=restoring),
                 incoming_state=self.paths(record.uuid).saved_state if restoring else None,
                 on_event=lambda name, data: self._on_qmp_event(record, name, data))
         except ParvisorError as exc:
+            await self._unplug_nics(record)
             back = S.SAVED if restoring else S.OFF
             self.set_state(record, back, f"start failed: {exc.message}")
             self.event("error", f"{record.name}: start failed: {exc.message}", record,
@@ -59,6 +66,7 @@ class LifecycleActions:
         if restoring:
             self.paths(record.uuid).saved_state.unlink(missing_ok=True)
         self._attach(record, runtime, process)
+        await self.hotplug.after_launch(record, runtime)   # limits, throttle, balloon
         self.set_state(record, S.RUNNING)
         if restoring:
             asyncio.get_running_loop().create_task(self._sync_guest_time(record))
@@ -101,7 +109,7 @@ class LifecycleActions:
         except asyncio.TimeoutError:
             await process.stop(timeout=TURN_OFF_TIMEOUT_S)
             how = f"guest did not shut down within {timeout_s:g} s: turned off"
-        self._detach(runtime)
+        await self._release(record, runtime)
         self.set_state(record, S.OFF, how)
         return how
 
@@ -136,7 +144,7 @@ class LifecycleActions:
         runtime.expecting_exit = True
         if runtime.process is not None:
             await runtime.process.stop(timeout=TURN_OFF_TIMEOUT_S)
-        self._detach(runtime)
+        await self._release(record, runtime)
         self.set_state(record, S.OFF, "turned off", desired="off")
 
     async def restart(self, name: str, timeout_s: float | None = None) -> dict[str, Any]:
@@ -193,7 +201,7 @@ class LifecycleActions:
             runtime.expecting_exit = False
             self.set_state(record, before, f"save failed: {exc.message}")
             raise
-        self._detach(runtime)
+        await self._release(record, runtime)
         self.set_state(record, S.SAVED)
 
     # --- delete -----------------------------------------------------------------------
@@ -202,6 +210,8 @@ class LifecycleActions:
         runtime = self.runtime(record.uuid)
         if record.state in ACTIVE_STATES and not force:
             check_action("delete", record.state, vm=name)
+        disk_ops.check_owned_disks_deletable(record.definition,
+                                             tuple(self.config.storage_roots))
         async with runtime.exclusive("delete", name):
             record = self.store.get_vm(name)
             if record.state in ACTIVE_STATES:
@@ -210,6 +220,7 @@ class LifecycleActions:
             self.store.delete_vm(record.uuid)
             crashpoint("delete.before_files")
             shutil.rmtree(self.paths(record.uuid).root, ignore_errors=True)
+            disk_ops.remove_owned_disks(record.definition)   # never user-given disks
             self.runtimes.pop(record.uuid, None)
             self.event("deleted", f"{name}: deleted", record)
         return {"deleted": name}
@@ -242,10 +253,24 @@ class LifecycleActions:
         runtime.tasks = [loop.create_task(self._watch_exit(record, runtime, process)),
                          loop.create_task(heartbeat_loop(runtime, agent, on_heartbeat))]
 
-    def _detach(self, runtime: VmRuntime) -> None:
+    async def _release(self, record: VmRecord, runtime: VmRuntime) -> None:
+        """QEMU is gone: stop watching it and unplug its taps."""
         runtime.cancel_watchers()
         runtime.process = None
         runtime.reset_guest_facts()
+        self.hotplug.after_exit(record)          # the (now empty) cgroup
+        await self._unplug_nics(record)
+
+    async def _plug_nics(self, record: VmRecord) -> None:
+        if record.definition.nics and self.switches is not None:
+            await plug_nics(self.switches, record.definition, self._qemu_user())
+
+    async def _unplug_nics(self, record: VmRecord) -> None:
+        if record.definition.nics and self.switches is not None:
+            try:
+                await unplug_nics(self.switches, record.definition)
+            except ParvisorError as exc:  # a leftover tap is re-used at the next start
+                log.warning("%s: unplugging NICs failed: %s", record.name, exc)
 
     async def _watch_exit(self, record: VmRecord, runtime: VmRuntime,
                           process: QemuProcess) -> None:
@@ -254,12 +279,13 @@ class LifecycleActions:
             return  # our own action stopped it and records the state itself
         async with runtime.lock:
             current = self.store.get_vm_by_uuid(record.uuid)
-            self._detach(runtime)
+            runtime.process = None      # record the state first: crash noticed < 1 s
             if info.expected:
                 self.set_state(current, S.OFF, info.reason, desired="off")
             else:
                 self.set_state(current, S.CRASHED, info.reason)
                 self.event("error", f"{record.name}: crashed: {info.reason}", current)
+            await self._release(record, runtime)
 
     def _on_qmp_event(self, record: VmRecord, name: str, data: dict[str, Any]) -> None:
         if name in ("SHUTDOWN", "RESET", "POWERDOWN", "GUEST_PANICKED", "BLOCK_IO_ERROR"):

@@ -11,10 +11,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import shutil
+import uuid
 
 from parvisor.errors import ParvisorError
 from parvisor.model.states import ACTIVE_STATES, VmState
 from parvisor.model.vm import AutoStartAction, AutoStopAction
+from parvisor.ops.disks import vm_disk_dir
 from parvisor.store.base import VmRecord
 from parvisor.vm.paths import VmPaths, vms_dir
 from parvisor.vm.process import QemuProcess
@@ -43,6 +45,7 @@ async def _reconcile_vm(manager, record: VmRecord) -> None:
             record = manager.store.set_state(record.uuid, observed,
                                              "re-adopted after service restart")
         manager._attach(record, runtime, process)
+        await manager.hotplug.after_adopt(record, runtime)   # back under its limits
         manager.event("adopted", f"{record.name}: re-adopted running QEMU (pid {process.pid})",
                       record, pid=process.pid)
         return
@@ -55,7 +58,9 @@ async def _reconcile_vm(manager, record: VmRecord) -> None:
 
 
 async def _remove_orphans(manager, known: set[str]) -> None:
-    """Directories of VMs that are not in the store: a delete interrupted by a crash."""
+    """Directories of VMs that are not in the store: a create or delete interrupted by a
+    crash (runtime dirs under the state dir, own-disk dirs under the storage root)."""
+    _remove_orphan_disk_dirs(manager, known)
     root = vms_dir(manager.config.state_dir)
     if not root.is_dir():
         return
@@ -68,6 +73,25 @@ async def _remove_orphans(manager, known: set[str]) -> None:
             log.warning("stopping orphan QEMU pid %s of deleted VM %s", process.pid, entry.name)
             await process.stop()
         shutil.rmtree(entry, ignore_errors=True)
+
+
+def _remove_orphan_disk_dirs(manager, known: set[str]) -> None:
+    # Only uuid-named directories: parvisor made them, and everything in one belongs to
+    # that VM alone (user-given disks never live there).
+    root = vm_disk_dir(tuple(manager.config.storage_roots), "x").parent
+    if not root.is_dir():
+        return
+    for entry in root.iterdir():
+        if entry.is_dir() and entry.name not in known and _is_uuid(entry.name):
+            log.warning("removing files of VM %s, which is no longer defined", entry.name)
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _is_uuid(text: str) -> bool:
+    try:
+        return str(uuid.UUID(text)) == text
+    except ValueError:
+        return False
 
 
 def wants_auto_start(record: VmRecord) -> bool:

@@ -36,6 +36,7 @@ class VmRuntime:
     heartbeat: str = "unknown"            # unknown | ok | lost
     ip_addresses: list[str] = field(default_factory=list)
     os_info: dict[str, Any] | None = None
+    memory_current_bytes: int | None = None   # balloon / virtio-mem size (hot-add)
     tasks: list[asyncio.Task] = field(default_factory=list)
 
     @contextlib.asynccontextmanager

@@ -8,6 +8,7 @@ GuestAgent, the store). API and CLI only translate to and from these methods.
 from __future__ import annotations
 
 import logging
+import uuid
 import pwd
 from pathlib import Path
 from typing import Any
@@ -16,13 +17,21 @@ from parvisor.config import HostConfig
 from parvisor.errors import InvalidInput, ParvisorError
 from parvisor.hypervisor.probe import AcceleratorChoice
 from parvisor.image.tiny import load_tiny_image
+from parvisor.model.validation import validate_model
 from parvisor.model.states import VmState, check_action, check_transition
-from parvisor.model.vm import DiskSpec, DiskBoot, KernelBoot, VmDefinition, VmStatus
+from parvisor.model.vm import DiskSpec, DiskBoot, KernelBoot, NicSpec, VmDefinition, VmStatus
+from parvisor.ops import disks as disk_ops
+from parvisor.ops import vm_media
+from parvisor.ops.disk_requests import AttachDisk
+from parvisor.ops.hotplug import HotplugManager, merge_settings
+from parvisor.ops.hotplug_io import HotplugIo
 from parvisor.ops.jobs import JobRegistry
-from parvisor.ops.requests import CreateVm, EditVm
+from parvisor.ops.nics import macs_in_use, nic_specs
+from parvisor.ops.requests import CreateVm, EditVm, NicRequest
+from parvisor.switch import SwitchManager
 from parvisor.ops.lifecycle import LifecycleActions
 from parvisor.ops.runtime import VmRuntime
-from parvisor.storage.qemu_img import guess_format, inspect_image
+from parvisor.storage.qemu_img import inspect_image
 from parvisor.storage.roots import require_file, resolve_in_roots
 from parvisor.store.base import Event, Store, VmRecord
 from parvisor.vm.argv import LaunchSpec
@@ -40,7 +49,10 @@ class VmManager(LifecycleActions):
         self.jobs = jobs
         self.accelerator = accelerator
         self.runtimes: dict[str, VmRuntime] = {}
+        self.switches: SwitchManager | None = None   # set by the service
         self._disk_sizes: dict[tuple[str, float], int] = {}
+        self.hotplug = HotplugManager(self)      # vm set on running VMs, limits, balloon
+        self.hotplug_io = HotplugIo(self.hotplug)  # vm nic|disk add|remove
 
     # --- helpers ----------------------------------------------------------------------
     def paths(self, vm_uuid: str) -> VmPaths:
@@ -65,9 +77,11 @@ class VmManager(LifecycleActions):
         return updated
 
     def _launch_spec(self, definition: VmDefinition, **extra: Any) -> LaunchSpec:
+        disk_ops.check_chains_before_start(definition, tuple(self.config.storage_roots))
         return LaunchSpec(definition=definition, paths=self.paths(definition.uuid),
                           accelerator=self.accelerator.accelerator,
-                          run_as=self._qemu_user(), **extra)
+                          run_as=self._qemu_user(),
+                          buffered_disks=disk_ops.buffered_disk_ids(definition), **extra)
 
     def _qemu_user(self) -> str | None:
         if not self.config.qemu_user:
@@ -86,10 +100,16 @@ class VmManager(LifecycleActions):
             name=d.name, uuid=d.uuid, state=record.state, state_reason=record.state_reason,
             host=self.config.host_name, vcpus=d.vcpus, max_vcpus=d.max_vcpus,
             memory_bytes=d.memory_bytes, max_memory_bytes=d.max_memory_bytes, boot=d.boot,
+            memory_hotplug=d.memory_hotplug, dynamic_memory=d.dynamic_memory,
+            resources=d.resources,
+            memory_current_bytes=(runtime.memory_current_bytes
+                                  if runtime and process else None),
             generation=d.generation, secure_boot=d.secure_boot, tpm=d.tpm,
             os_type=d.os_type, boot_order=list(d.boot_order),
             disks=[self._disk_view(disk) for disk in d.disks],
             nics=[nic.model_dump() for nic in d.nics], ha=d.ha,
+            ha_priority=d.ha_priority, anti_affinity=d.anti_affinity,
+            preferred_hosts=list(d.preferred_hosts),
             auto_start_action=d.auto_start_action, auto_start_delay_s=d.auto_start_delay_s,
             auto_stop_action=d.auto_stop_action, notes=d.notes,
             heartbeat=(runtime.heartbeat if runtime and process else "unknown"),
@@ -98,7 +118,7 @@ class VmManager(LifecycleActions):
             accelerator=self.accelerator.accelerator,
             pid=process.pid if process else None,
             uptime_s=round(process.uptime_s, 3) if process else None,
-            revision=record.generation)
+            revision=record.generation, template=d.template)
 
     def _disk_view(self, disk: DiskSpec) -> dict[str, Any]:
         view = disk.model_dump()
@@ -123,48 +143,78 @@ class VmManager(LifecycleActions):
     # --- definitions ------------------------------------------------------------------
     def create(self, request: CreateVm) -> VmStatus:
         definition = self._definition_from(request)
-        record = self.store.create_vm(definition)
+        # + the tiny guest's differencing boot disk and the cloud-init seed, if asked for
+        definition, media, image = vm_media.plan_for(definition, request, self.config)
+        # The VM's own empty disks appear only together with the record: a refused or
+        # failed store write removes them again.
+        with disk_ops.created_vm_disks(definition, request.new_disks, self._qemu_user()), \
+                vm_media.created(media, image, tuple(self.config.storage_roots)):
+            record = self.store.create_vm(definition)
         self.event("created", f"{definition.name}: created", record)
         return self.status(record)
 
     def _definition_from(self, request: CreateVm) -> VmDefinition:
-        boot, disks = self._boot_and_disks(request)
-        data = {"name": request.name, "vcpus": request.vcpus, "memory_bytes": request.memory,
+        vm_uuid = str(uuid.uuid4())     # known up front: the VM's own files live under it
+        boot, disks = self._boot_and_disks(request, vm_uuid)
+        data = {"name": request.name, "uuid": vm_uuid, "vcpus": request.vcpus, "memory_bytes": request.memory,
                 "boot": boot, "disks": disks, "ha": request.ha, "notes": request.notes,
+                "nics": self._nic_specs(request.nics),
                 "auto_start_action": request.auto_start_action,
                 "auto_start_delay_s": request.auto_start_delay_s,
-                "auto_stop_action": request.auto_stop_action}
+                "auto_stop_action": request.auto_stop_action,
+                "ha_priority": request.ha_priority, "anti_affinity": request.anti_affinity,
+                "preferred_hosts": tuple(request.preferred_hosts),
+                **vm_media.platform_fields(request)}
+        if request.boot_order is not None:
+            data["boot_order"] = request.boot_order
         if request.max_vcpus:
             data["max_vcpus"] = request.max_vcpus
         if request.max_memory:
             data["max_memory_bytes"] = request.max_memory
         return validated_definition(data)
 
-    def _boot_and_disks(self, request: CreateVm) -> tuple[Any, list[DiskSpec]]:
-        sources = [x for x in (request.image, request.kernel, request.disk) if x]
-        if len(sources) != 1:
-            raise InvalidInput("give exactly one of --image tiny, --kernel K or --disk PATH")
+    def _nic_specs(self, requests: list[NicRequest]) -> list[NicSpec]:
+        if not requests:
+            return []
+        if self.switches is None:
+            raise InvalidInput("this host has no switch manager: NICs are not available")
+        in_use = macs_in_use(r.definition for r in self.store.list_vms())
+        return nic_specs(requests, self.switches, in_use)
+
+    def _boot_and_disks(self, request: CreateVm, vm_uuid: str) -> tuple[Any, list[DiskSpec]]:
+        """Boot source + every drive: attached disks first (disk0 boots), then the new
+        empty ones, then the CD/DVD drive. Without a kernel the VM boots from them."""
+        roots = tuple(self.config.storage_roots)
+        attach = ([AttachDisk(path=request.disk)] if request.disk else []) + request.disks
+        kernels = [x for x in (request.image, request.kernel) if x]
+        if len(kernels) > 1 or not (kernels or attach or request.cdrom):
+            raise InvalidInput("give exactly one of --image tiny, --kernel K or --disk PATH"
+                               " (or --cdrom ISO to install from)")
+        disks = disk_ops.attached_disk_specs(attach, roots)
+        disks += disk_ops.new_disk_specs(vm_uuid, request.new_disks, len(disks), roots)
+        if request.cdrom:
+            disks.append(disk_ops.cdrom_spec(request.cdrom, roots))
+        if not kernels:
+            return DiskBoot(), disks
+        return self._kernel_boot(request), disks
+
+    def _kernel_boot(self, request: CreateVm) -> KernelBoot:
         if request.image == "tiny":
             image = load_tiny_image(self.config.state_dir)
             if image is None:
                 raise InvalidInput("the tiny image is not built yet: run "
                                    "'parvisor image build-tiny' first")
             return KernelBoot(kernel=str(image.kernel), initrd=str(image.initrd),
-                              cmdline=request.cmdline or image.cmdline), []
-        if request.kernel:
-            roots = (*self.config.storage_roots, self.config.state_dir / "images")
-            kernel = require_file(resolve_in_roots(request.kernel, roots, what="kernel"),
-                                  what="kernel")
-            initrd = None
-            if request.initrd:
-                initrd = str(require_file(resolve_in_roots(request.initrd, roots,
-                                                           what="initrd"), what="initrd"))
-            return KernelBoot(kernel=str(kernel), initrd=initrd,
-                              cmdline=request.cmdline or "console=ttyS0"), []
-        disk_path = require_file(resolve_in_roots(request.disk, self.config.storage_roots),
-                                 what="disk")
-        return DiskBoot(), [DiskSpec(id="disk0", path=str(disk_path),
-                                     format=guess_format(disk_path))]
+                              cmdline=request.cmdline or image.cmdline)
+        roots = (*self.config.storage_roots, self.config.state_dir / "images")
+        kernel = require_file(resolve_in_roots(request.kernel, roots, what="kernel"),
+                              what="kernel")
+        initrd = None
+        if request.initrd:
+            initrd = str(require_file(resolve_in_roots(request.initrd, roots,
+                                                       what="initrd"), what="initrd"))
+        return KernelBoot(kernel=str(kernel), initrd=initrd,
+                          cmdline=request.cmdline or "console=ttyS0")
 
     def edit(self, name: str, request: EditVm) -> VmStatus:
         record = self.store.get_vm(name)
@@ -175,6 +225,7 @@ class VmManager(LifecycleActions):
         data = record.definition.model_dump()
         renames = {"memory": "memory_bytes", "max_memory": "max_memory_bytes"}
         cmdline = changes.pop("cmdline", None)
+        merge_settings(data, changes)        # nested dynamic memory / resources
         for key, value in changes.items():
             data[renames.get(key, key)] = value
         if "memory" in changes and "max_memory" not in changes:
@@ -193,13 +244,4 @@ class VmManager(LifecycleActions):
 
 def validated_definition(data: dict[str, Any]) -> VmDefinition:
     """Build a definition, turning pydantic's errors into one readable InvalidInput."""
-    from pydantic import ValidationError
-    try:
-        return VmDefinition.model_validate(data)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        message = first["msg"].removeprefix("Value error, ")
-        raise InvalidInput(f"{where}: {message}" if where else message,
-                           errors=[{"field": ".".join(map(str, e["loc"])), "message": e["msg"]}
-                                   for e in exc.errors()]) from None
+    return validate_model(VmDefinition, data)

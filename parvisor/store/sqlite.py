@@ -51,6 +51,21 @@ MIGRATIONS: list[str] = [
         definition TEXT NOT NULL
     );
     """,
+    # 3: checkpoints (versioned JSON documents, parvisor.model.checkpoint) and each
+    # VM's current checkpoint (the one its present state descends from)
+    """
+    CREATE TABLE checkpoints (
+        id TEXT PRIMARY KEY,
+        vm_uuid TEXT NOT NULL,
+        name TEXT NOT NULL,
+        document TEXT NOT NULL,
+        UNIQUE (vm_uuid, name)
+    );
+    CREATE TABLE checkpoint_current (
+        vm_uuid TEXT PRIMARY KEY,
+        checkpoint_id TEXT NOT NULL
+    );
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 MAX_EVENTS = 20000  # older events are trimmed so the log cannot fill the state disk
@@ -178,6 +193,8 @@ class SqliteStore:
     def delete_vm(self, vm_uuid: str) -> None:
         with self._tx("delete") as db:
             db.execute("DELETE FROM vms WHERE uuid=?", (vm_uuid,))
+            db.execute("DELETE FROM checkpoints WHERE vm_uuid=?", (vm_uuid,))
+            db.execute("DELETE FROM checkpoint_current WHERE vm_uuid=?", (vm_uuid,))
 
     # --- switches (documents owned by parvisor.switch; the store only keeps them) --------
     def put_switch(self, name: str, document: dict, *, create: bool) -> None:
@@ -205,6 +222,63 @@ class SqliteStore:
         with self._tx("switch") as db:
             if db.execute("DELETE FROM switches WHERE name=?", (name,)).rowcount == 0:
                 raise NotFound(f"no switch named '{name}'", name=name)
+
+    # --- checkpoints (documents owned by parvisor.ops.checkpoints) -----------------------
+    def put_checkpoint(self, document: dict, *, create: bool,
+                       make_current: bool = False) -> None:
+        vm_uuid, checkpoint_id, name = document["vm_uuid"], document["id"], document["name"]
+        with self._tx("checkpoint") as db:
+            row = db.execute("SELECT vm_uuid FROM checkpoints WHERE id=?",
+                             (checkpoint_id,)).fetchone()
+            if create and row:
+                raise AlreadyExists(f"checkpoint id {checkpoint_id} already exists")
+            if not create and (row is None or row[0] != vm_uuid):
+                raise NotFound(f"no checkpoint {name!r} of this VM", name=name)
+            if db.execute("SELECT 1 FROM checkpoints WHERE vm_uuid=? AND name=? AND id<>?",
+                          (vm_uuid, name, checkpoint_id)).fetchone():
+                raise AlreadyExists(f"the VM already has a checkpoint named {name!r}",
+                                    name=name)
+            db.execute("INSERT OR REPLACE INTO checkpoints (id, vm_uuid, name, document) "
+                       "VALUES (?,?,?,?)", (checkpoint_id, vm_uuid, name,
+                                            json.dumps(document, sort_keys=True)))
+            if make_current:
+                db.execute("INSERT OR REPLACE INTO checkpoint_current (vm_uuid, "
+                           "checkpoint_id) VALUES (?,?)", (vm_uuid, checkpoint_id))
+
+    def list_checkpoints(self, vm_uuid: str) -> list[dict]:
+        rows = self._db.execute("SELECT document FROM checkpoints WHERE vm_uuid=?",
+                                (vm_uuid,)).fetchall()
+        # oldest first (REPLACE renumbers rowids, so order by the recorded time)
+        return sorted((json.loads(row[0]) for row in rows),
+                      key=lambda d: (d.get("created", 0), d["id"]))
+
+    def current_checkpoint(self, vm_uuid: str) -> str | None:
+        row = self._db.execute("SELECT checkpoint_id FROM checkpoint_current WHERE "
+                               "vm_uuid=?", (vm_uuid,)).fetchone()
+        return row[0] if row else None
+
+    def delete_checkpoint(self, vm_uuid: str, checkpoint_id: str) -> None:
+        with self._tx("checkpoint") as db:
+            row = db.execute("SELECT document FROM checkpoints WHERE id=? AND vm_uuid=?",
+                             (checkpoint_id, vm_uuid)).fetchone()
+            if row is None:
+                raise NotFound(f"no checkpoint {checkpoint_id} of this VM")
+            parent = json.loads(row[0]).get("parent")
+            for (child_id, child_json) in db.execute(
+                    "SELECT id, document FROM checkpoints WHERE vm_uuid=?",
+                    (vm_uuid,)).fetchall():
+                child = json.loads(child_json)
+                if child.get("parent") == checkpoint_id:
+                    child["parent"] = parent
+                    db.execute("UPDATE checkpoints SET document=? WHERE id=?",
+                               (json.dumps(child, sort_keys=True), child_id))
+            db.execute("DELETE FROM checkpoints WHERE id=?", (checkpoint_id,))
+            if parent is None:
+                db.execute("DELETE FROM checkpoint_current WHERE vm_uuid=? AND "
+                           "checkpoint_id=?", (vm_uuid, checkpoint_id))
+            else:
+                db.execute("UPDATE checkpoint_current SET checkpoint_id=? WHERE vm_uuid=? "
+                           "AND checkpoint_id=?", (parent, vm_uuid, checkpoint_id))
 
     # --- events ---------------------------------------------------------------------
     def append_event(self, event: Event) -> Event:
