@@ -10,8 +10,12 @@ restart the service. Keys (all optional):
 ``listen_tcp``       list of ``"ADDRESS:PORT"`` for the API over TCP; needs TLS + tokens
 ``tls_cert``/``tls_key``  PEM files for TCP
 ``api_tokens``       bearer tokens accepted on TCP (the unix socket trusts its peer: root)
+``console_listen``   ``"ADDRESS:PORT"`` of the web console (login required; loopback
+                     only unless tls_cert/tls_key are set); ``docs/web-console.md``
 ``qemu_user``        run QEMU as this unprivileged user when it exists ("" = as root)
 ``shutdown_timeout_s``  how long a graceful guest shutdown may take before power-off
+``[cluster]``        failover cluster membership (``parvisor.cluster.settings``); written
+                     by ``parvisor cluster create|join``, removed by ``cluster leave``
 """
 
 from __future__ import annotations
@@ -46,6 +50,8 @@ class HostConfig:
     api_tokens: tuple[str, ...] = ()
     qemu_user: str = "parvisor-qemu"
     shutdown_timeout_s: float = 60.0
+    cluster: dict | None = None     # raw [cluster] table; parvisor.cluster.settings
+    console_listen: str = ""        # web console "ADDRESS:PORT"; parvisor.web
 
     @property
     def api_socket(self) -> Path:
@@ -66,7 +72,7 @@ class HostConfig:
 
 
 _KEYS = {"host_name", "storage_roots", "listen_unix", "listen_tcp", "tls_cert", "tls_key",
-         "api_tokens", "qemu_user", "shutdown_timeout_s"}
+         "api_tokens", "qemu_user", "shutdown_timeout_s", "cluster", "console_listen"}
 
 
 def load_config(state_dir: Path) -> HostConfig:
@@ -87,10 +93,30 @@ def load_config(state_dir: Path) -> HostConfig:
             data[key] = Path(data[key])
     data["storage_roots"] = tuple(Path(r) for r in data["storage_roots"])
     config = HostConfig(state_dir=state_dir, **data).with_defaults()
+    if config.cluster is not None:     # refuse a broken section at load, not mid-run
+        from parvisor.cluster.settings import ClusterSettings
+        ClusterSettings.from_table(config.cluster, config.host_name, f"{path}: ")
     if config.listen_tcp and not (config.tls_cert and config.tls_key and config.api_tokens):
         raise InvalidInput(f"{path}: listen_tcp needs tls_cert, tls_key and api_tokens:"
                            " the API is never served on TCP without TLS and a token")
+    if config.console_listen:
+        check_console_listen(config, f"{path}: ")
     return config
+
+
+def check_console_listen(config: HostConfig, where: str = "") -> tuple[str, int]:
+    """The web console always asks for a login; without TLS it may only listen on
+    loopback (an SSH tunnel or a local reverse proxy), never on an open network."""
+    host, _, port = config.console_listen.rpartition(":")
+    host = host.strip("[]")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise InvalidInput(f"{where}console_listen {config.console_listen!r} is not "
+                           "ADDRESS:PORT")
+    loopback = host in ("localhost", "::1") or host.startswith("127.")
+    if not loopback and not (config.tls_cert and config.tls_key):
+        raise InvalidInput(f"{where}console_listen on {host} needs tls_cert and tls_key:"
+                           " without TLS the console serves on loopback only")
+    return host, int(port)
 
 
 def write_default_config(config: HostConfig) -> None:
@@ -107,6 +133,7 @@ def write_default_config(config: HostConfig) -> None:
         "# tls_cert = \"/etc/parvisor/cert.pem\"\n"
         "# tls_key = \"/etc/parvisor/key.pem\"\n"
         "# api_tokens = [\"a-long-random-token\"]\n"
+        "# console_listen = \"127.0.0.1:8080\"   # web console; non-loopback needs TLS\n"
         f"qemu_user = {json.dumps(config.qemu_user)}\n"
         f"shutdown_timeout_s = {config.shutdown_timeout_s}\n")
     path.parent.mkdir(parents=True, exist_ok=True)

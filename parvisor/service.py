@@ -22,15 +22,21 @@ import uvicorn
 from fastapi import WebSocket, WebSocketDisconnect
 
 from parvisor.api.app import create_app
+from parvisor.web import console_server_config
 from parvisor.config import HostConfig, write_default_config
 from parvisor.errors import InvalidInput, ParvisorError
 from parvisor.hypervisor.probe import HostInfo, current_accelerator, probe_host
 from parvisor.image.tiny import build_tiny_image, load_tiny_image
-from parvisor.model.states import check_action
+from parvisor.model.states import ACTIVE_STATES, check_action
+from parvisor.ops.dynamic_memory_loop import dynamic_memory_loop
+from parvisor.ops.imports import clean_stale_staging
 from parvisor.ops.jobs import Job, JobRegistry
 from parvisor.ops.reconcile import apply_stop_actions, auto_start, reconcile
 from parvisor.ops.vms import VmManager
+from parvisor.ops.checkpoints import detect_interrupted
 from parvisor.store.sqlite import SqliteStore
+from parvisor.cluster.runtime import cluster_runtime
+from parvisor.switch import NicUser, SwitchManager
 
 log = logging.getLogger(__name__)
 CONSOLE_LOG_MAX_BYTES = 2 << 20
@@ -53,11 +59,27 @@ class HostService:
             directory.mkdir(parents=True, exist_ok=True)
         os.chmod(config.state_dir, 0o711)
         write_default_config(config)
-        self.store = SqliteStore(config.database)
+        # cluster member ([cluster] in config.toml): etcd store + agent; else SQLite
+        self.cluster = cluster_runtime(config)
+        self.store = self.cluster.store if self.cluster else SqliteStore(config.database)
         self.jobs = JobRegistry()
         self.accelerator = current_accelerator()
-        self.vms = VmManager(config, self.store, self.jobs, self.accelerator)
-        self._host_info: HostInfo | None = None
+        manager_class = self.cluster.vm_manager_class if self.cluster else VmManager
+        self.vms = manager_class(config, self.store, self.jobs, self.accelerator)
+        self.switches = SwitchManager(self.store, config.state_dir, nic_users=self._nic_users)
+        self.vms.switches = self.switches
+
+    def _nic_users(self, switch: str) -> list[NicUser]:
+        return [NicUser(record.name, nic.id) for record in self.store.list_vms()
+                for nic in record.definition.nics if nic.switch == switch]
+
+    async def ensure_switches(self) -> None:
+        """Re-create bridges, NAT and DHCP after a reboot; re-plug running VMs' taps."""
+        running = [(record.uuid, nic) for record in self.store.list_vms()
+                   if record.state in ACTIVE_STATES for nic in record.definition.nics]
+        problems = await asyncio.to_thread(self.switches.ensure_all, running)
+        for what, error in problems.items():
+            self.vms.event("error", f"switch set-up of {what} failed: {error}")
 
     # --- facts ------------------------------------------------------------------------
     def host_info(self) -> HostInfo:
@@ -140,9 +162,19 @@ class HostService:
 
     # --- run --------------------------------------------------------------------------
     async def run(self) -> None:
-        await reconcile(self.vms)
-        background = [asyncio.create_task(self.rotate_console_logs())]
-        background += await auto_start(self.vms)
+        if self.cluster is not None:    # only this host's QEMUs: the cluster places VMs
+            await self.cluster.adopt(self.vms)
+        else:
+            await reconcile(self.vms)
+        # checkpoint create/apply/delete a dead service left half-done: reported
+        await asyncio.to_thread(detect_interrupted, self.vms)
+        # what an import killed mid-conversion left (its VM was never registered)
+        await asyncio.to_thread(clean_stale_staging, tuple(self.config.storage_roots))
+        await self.ensure_switches()
+        background = [asyncio.create_task(self.rotate_console_logs()),
+                      asyncio.create_task(dynamic_memory_loop(self.vms))]
+        background += (await self.cluster.start(self.vms) if self.cluster is not None
+                       else await auto_start(self.vms))
         servers = self._servers()
         try:
             await asyncio.gather(*(server.serve(sockets=sockets)
@@ -151,6 +183,7 @@ class HostService:
             for task in background:
                 task.cancel()
             self.detach_all()
+            self.switches.close()
             self.store.close()
 
     def _servers(self) -> list[tuple[uvicorn.Server, list[socket.socket] | None]]:
@@ -166,6 +199,8 @@ class HostService:
                                  ssl_certfile=str(self.config.tls_cert),
                                  ssl_keyfile=str(self.config.tls_key), lifespan="off")
             servers.append((uvicorn.Server(tcp), None))
+        if self.config.console_listen:   # the web console: its own login (parvisor.web)
+            servers.append((uvicorn.Server(console_server_config(self)), None))
         return servers
 
     def _unix_socket(self) -> socket.socket:

@@ -18,16 +18,25 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from parvisor import __version__
+from parvisor.api.switch_routes import install_switch_routes
 from parvisor.errors import ParvisorError, Unauthorized
 from parvisor.model.vm import VmStatus
 from parvisor.ops.requests import BuildImage, CreateVm, DeleteVm, EditVm, ExecInGuest, ShutdownVm
+from parvisor.api.disk_routes import install_disk_routes
+from parvisor.api.hotplug_routes import install_hotplug_routes
+from parvisor.api.import_routes import install_import_routes
+from parvisor.api.checkpoint_routes import install_checkpoint_routes
+from parvisor.web import install_web
+from parvisor.api.cluster_routes import install_cluster_routes
 
 API_PREFIX = "/v1"
 log = logging.getLogger(__name__)
 
 
-def create_app(service: Any, *, tokens: tuple[str, ...] | None = None) -> FastAPI:
-    """``service`` is a running ``HostService``; ``tokens`` set = bearer auth required."""
+def create_app(service: Any, *, tokens: tuple[str, ...] | None = None,
+               console: bool = False) -> FastAPI:
+    """``service`` is a running ``HostService``; ``tokens`` set = bearer auth required;
+    ``console``: also the web console, with its own login/roles (``parvisor.web``)."""
     app = FastAPI(title="parvisor host API", version=__version__,
                   description="Manage VMs on one parvisor host.")
     _install_error_handlers(app)
@@ -36,6 +45,13 @@ def create_app(service: Any, *, tokens: tuple[str, ...] | None = None) -> FastAP
     _vm_routes(app, service)
     _action_routes(app, service)
     _host_routes(app, service)
+    install_disk_routes(app, service)
+    install_switch_routes(app, service)
+    install_hotplug_routes(app, service)
+    install_import_routes(app, service)
+    install_checkpoint_routes(app, service)   # checkpoints, clone, export/import
+    install_cluster_routes(app, service)      # cluster status, host drain/resume
+    install_web(app, service, console=console)   # /metrics; pages + sessions if console
     return app
 
 
@@ -92,8 +108,9 @@ def _vm_routes(app: FastAPI, service: Any) -> None:
         return vms.show(name)
 
     @app.patch(f"{API_PREFIX}/vms/{{name}}", response_model=VmStatus, tags=["vms"])
-    def edit_vm(name: str, body: EditVm) -> VmStatus:
-        return vms.edit(name, body)
+    async def edit_vm(name: str, body: EditVm) -> VmStatus:
+        # stopped: definition only; running: hot-plug (parvisor.ops.hotplug)
+        return await vms.hotplug.edit(name, body)
 
     @app.delete(f"{API_PREFIX}/vms/{{name}}", tags=["vms"])
     async def delete_vm(name: str, force: bool = False) -> dict[str, Any]:

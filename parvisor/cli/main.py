@@ -15,11 +15,9 @@ from typing import Any, Optional
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 from parvisor.cli.client import ApiClient
 from parvisor.errors import ParvisorError
-from parvisor.model.sizes import format_size
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="parvisor: run VMs on this host (Hyper-V's design on KVM/QEMU).")
@@ -143,6 +141,12 @@ def events(vm: Optional[str] = typer.Option(None, "--vm", help="Only this VM."),
 
 def main() -> None:
     from parvisor.cli import vm_commands  # noqa: F401  (registers the vm commands)
+    from parvisor.cli import disk_commands  # noqa: F401  (disk + vm cdrom commands)
+    from parvisor.cli import switch_commands  # noqa: F401
+    from parvisor.cli import hotplug_commands  # noqa: F401  (vm nic|disk add|remove)
+    from parvisor.cli import import_commands, plan_command  # noqa: F401  (import, plan)
+    from parvisor.cli import checkpoint_commands  # noqa: F401  (checkpoint, clone, export)
+    from parvisor.cli import cluster_commands, lab_commands  # noqa: F401  (cluster, lab)
     try:
         app()
     except ParvisorError as exc:
