@@ -12,7 +12,8 @@ PARVISOR=$VENV/bin/parvisor
 APT_PACKAGES=(qemu-system-x86 qemu-utils busybox-static cpio qemu-guest-agent xz-utils zstd
               kmod iproute2 python3-venv dnsmasq-base nftables
               ovmf swtpm swtpm-tools grub-pc-bin grub-efi-amd64-bin dosfstools mtools fdisk
-              xorriso etcd-server etcd-client)
+              xorriso etcd-server etcd-client
+              chromium)   # chromium: the web console's browser tests (Playwright)
 
 say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 
@@ -71,10 +72,26 @@ install_user() {
   if getent group kvm >/dev/null; then usermod -a -G kvm parvisor-qemu; fi
 }
 
+install_web() {
+  # The web console's front-end assets (xterm.js) come from npm, served locally by the
+  # host service: no CDN at run time. Skipped when package-lock.json is unchanged.
+  local stamp=web/node_modules/.parvisor-installed want
+  want=$(sha256sum web/package-lock.json | cut -d' ' -f1)
+  [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && return
+  if ! command -v npm >/dev/null; then
+    say "installing Debian packages: nodejs npm"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q nodejs npm >/dev/null
+  fi
+  say "installing the web console's assets (npm ci in web/)"
+  (cd web && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
+  echo "$want" > "$stamp"
+}
+
 install_all() {
   need_root
   install_apt
   install_venv
+  install_web
   install_user
 }
 
