@@ -150,4 +150,9 @@ def etcd_argv(name: str, ip: str, data_dir: Path, initial_cluster: str, state: s
             "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
             "--initial-cluster", initial_cluster, "--initial-cluster-state", state,
             "--initial-cluster-token", token, "--heartbeat-interval", "100",
-            "--election-timeout", "1000", "--logger", "zap", "--log-level", "warn", *tls]
+            "--election-timeout", "1000",
+            # Pre-vote: a member cut off for a moment must not, on its return, force an
+            # election with its inflated term (etcd 3.4 has it off by default); without it
+            # every short blip costs a leader change and can run leases to their deadline.
+            "--pre-vote=true",
+            "--logger", "zap", "--log-level", "warn", *tls]

@@ -84,7 +84,10 @@ def cdrom_spec(iso: str | None, roots: tuple[Path, ...], index: int = 0) -> Disk
 def created_vm_disks(definition: VmDefinition, new: list[NewDisk],
                      run_as: str | None) -> Iterator[list[Path]]:
     """Create the VM's own empty disks; remove them again if the block fails."""
-    owned = [d for d in definition.disks if d.owned]
+    # The new empty disks are the owned ``diskN`` drives; other owned media (the tiny
+    # boot child "boot", the cloud-init seed "cidata") are made by ops.vm_media.
+    owned = [d for d in definition.disks
+             if d.owned and d.media == "disk" and d.id.startswith("disk")]
     created: list[Path] = []
     try:
         for spec, item in zip(owned, new, strict=True):
