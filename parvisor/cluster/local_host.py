@@ -28,17 +28,10 @@ from parvisor.cluster.fencing import LocalVm
 from parvisor.cluster.watchdog import WatchdogClient
 from parvisor.errors import ParvisorError
 from parvisor.model.states import VmState
+from parvisor.procfs import pid_alive
 
 log = logging.getLogger("parvisor.cluster")
 START_WAIT_S = 3.0      # longest the agent thread waits for a QEMU launch (then reports it)
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
 
 
 class ServiceLocalHost:

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from parvisor.errors import Failed
+from parvisor.procfs import pid_alive  # lab.py uses it as net.pid_alive
 
 NETNS_DIR = Path("/run/netns")
 
@@ -90,14 +91,6 @@ def netns_pids(ns: str) -> list[int]:
         except OSError:
             continue
     return sorted(pids)
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
 
 
 def kill_pids(pids: list[int], timeout_s: float = 10.0) -> list[int]:

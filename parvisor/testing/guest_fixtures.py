@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Awaitable, Callable, TypeVar
 
+from parvisor.procfs import pid_alive  # noqa: F401  (tests import it from here)
 from parvisor.image.tiny import TinyImage, build_tiny_image, load_tiny_image
 
 DEFAULT_TEST_IMAGE_DIR = "/var/tmp/parvisor-test-image"
@@ -68,13 +69,3 @@ async def wait_until(condition: Callable[[], T | Awaitable[T]], timeout: float, 
         if time.monotonic() >= deadline:
             raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
         await asyncio.sleep(interval)
-
-
-def pid_alive(pid: int) -> bool:
-    """True while ``pid`` exists and is not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return False
-    return state != "Z"
