@@ -265,7 +265,7 @@ def delete(name: str, force: bool = typer.Option(False, "--force",
     emit(result, as_json, lambda r: out.print(f"{name}: deleted", markup=False))
 
 
-@vm_app.command("exec", context_settings={"allow_interspersed_args": False})
+@vm_app.command("exec")
 def exec_(name: str, command: list[str] = typer.Argument(..., help="-- CMD [ARGS...]"),
           timeout: float = typer.Option(60, "--timeout"), as_json: bool = JsonOpt) -> None:
     """Run a command in the guest (through its agent); exit with its status."""

@@ -25,6 +25,9 @@ def test_full_lifecycle(host, tiny_image):
     assert host.cli("vm", "exec", "life", "--", "uname", "-r").stdout.strip() \
         == tiny_image.kernel_release
     assert host.cli("vm", "exec", "life", "--", "false", check=False).returncode == 1
+    # options after NAME belong to parvisor, everything after -- to the guest
+    assert host.cli("vm", "exec", "life", "--timeout", "30", "--", "ls", "-d", "/proc").stdout \
+        .strip() == "/proc"
     assert host.cli("vm", "exec", "life", "--", "sh", "-c", "exit 7",
                     check=False).returncode == 7
     shown = host.vm("life")
