@@ -13,25 +13,16 @@ capacity)). Targets: ratio <= 1.25; 10,000 servers in a few seconds.
 from __future__ import annotations
 
 import argparse
-import random
 import statistics
 import time
 
+from parvisor.testing.estates import generated_estate
 from parvisor.planner import HostModel, Server, plan
 
 MODEL = HostModel("std", 32, 2.6, 384, 8000)
 
 
-def estate(count: int, seed: int) -> list[Server]:
-    rng = random.Random(seed)
-    servers = []
-    for i in range(count):
-        cores, ram = rng.choice([1, 2, 2, 4, 4, 8, 16]), rng.choice([2, 4, 8, 16, 32, 64])
-        peak = rng.uniform(5, 95)
-        servers.append(Server(f"srv{i:05d}", cores, rng.uniform(1.8, 3.6),
-                              rng.uniform(1, peak), peak, ram, ram * rng.uniform(0.3, 1),
-                              rng.uniform(20, 800)))
-    return servers
+estate = generated_estate   # shared with the tests
 
 
 def main() -> None:

@@ -4,12 +4,12 @@
 from __future__ import annotations
 
 import json
-import random
 import time
 
 import pytest
 
 from parvisor.errors import InvalidInput
+from parvisor.testing.estates import generated_estate
 from parvisor.planner import (
     HostModel, Server, parse_host_model, parse_inventory, parse_inventory_text, plan,
     render_html, render_text)
@@ -24,16 +24,7 @@ def srv(name: str, ghz_peak: float, ram: float, disk: float = 10, avg: float = 1
     return Server(name, 20, 1.0, min(avg, ghz_peak) * 5, ghz_peak * 5, ram, ram / 2, disk)
 
 
-def generated(n: int, seed: int) -> list[Server]:
-    rng = random.Random(seed)
-    servers = []
-    for i in range(n):
-        cores, ram = rng.choice([1, 2, 2, 4, 4, 8, 16]), rng.choice([2, 4, 8, 16, 32, 64])
-        peak = rng.uniform(5, 95)
-        servers.append(Server(f"srv{i:05d}", cores, rng.uniform(1.8, 3.6),
-                              rng.uniform(1, peak), peak, ram, ram * rng.uniform(0.3, 1),
-                              rng.uniform(20, 800)))
-    return servers
+generated = generated_estate   # shared with the benchmark
 
 
 # --- hand-checked --------------------------------------------------------------------------
