@@ -35,10 +35,10 @@ from parvisor.errors import InvalidInput, StorageError
 from parvisor.importers.vhd import (
     VhdChain, apply_copy_plan, check_vhdx, qemu_image_opts, resolve_chain)
 from parvisor.storage.chains import QCOW2_MAGIC, walk_chain
+from parvisor.storage.qemu_img import popen_limited
 
 Progress = Callable[[float], None]          # fraction 0..1 of this one disk
 SOURCE_FORMATS = ("raw", "qcow2", "vmdk", "vpc", "vhdx")
-QEMU_IMG_MEMORY = 1 << 30                   # same cap as parvisor.storage.qemu_img
 _PROGRESS = re.compile(rb"\((\d+(?:\.\d+)?)/100%\)")
 _MAGIC = ((b"QFI\xfb", "qcow2"), (b"vhdxfile", "vhdx"), (b"KDMV", "vmdk"),
           (b"conectix", "vpc"), (b"# Disk DescriptorFile", "vmdk"))
@@ -114,20 +114,12 @@ def vhd_source(path: Path, roots: Iterable[Path]) -> SourceDisk:
 
 
 # --- running qemu-img ---------------------------------------------------------------------
-def _limited(argv: list[str]) -> list[str]:
-    """Run qemu-img under a memory cap that dies with the service (a SIGKILLed import
-    must not leave qemu-img writing on). util-linux wrappers instead of ``preexec_fn``:
-    that is unsafe in a threaded service and forces a slow fork of the whole process."""
-    return ["setpriv", "--pdeathsig", "KILL", "prlimit", f"--as={QEMU_IMG_MEMORY}", *argv]
-
-
 def run_convert(argv_source: list[str], target: Path, target_format: str,
                 progress: Progress | None = None) -> None:
     """``qemu-img convert -p`` with the source args given; progress parsed from -p."""
     argv = ["qemu-img", "convert", "-p", *argv_source, "-O", target_format, str(target)]
     try:
-        proc = subprocess.Popen(_limited(argv), stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE)
+        proc = popen_limited(argv)
     except OSError as exc:
         raise StorageError(f"qemu-img convert -> {target} failed: {exc}",
                            argv=argv) from exc

@@ -1,21 +1,28 @@
 """qemu-img, the one tool that reads and writes disk images.
 
 Images may be hostile (imported, uploaded): always pass an explicit format when known,
-and cap qemu-img's memory and CPU time while it inspects a file.
+and cap qemu-img's memory (and CPU time while it only inspects a file).
 """
 
 from __future__ import annotations
 
 import json
-import resource
+import os
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 from parvisor.errors import StorageError
 
-_INSPECT_LIMIT_BYTES = 1 << 30
-_INSPECT_CPU_SECONDS = 30
+# Address-space caps, not memory caps: a capped qemu-img fails with "qemu_thread_create:
+# Resource temporarily unavailable" once its *reservations* hit the limit. Reading a header
+# is single-threaded; real work (convert, create) runs a pool of up to 64 I/O threads with
+# 8 MiB stacks each, so it gets room for those. MALLOC_ARENA_MAX keeps glibc from reserving
+# 64 MiB of address space per thread arena, which made a 1 GiB cap fail under load.
+INSPECT_ADDRESS_SPACE = 1 << 30
+INSPECT_CPU_SECONDS = 30
+WORK_ADDRESS_SPACE = 4 << 30
+_ENV = {**os.environ, "MALLOC_ARENA_MAX": "2"}
 
 
 @dataclass(frozen=True)
@@ -28,9 +35,27 @@ class ImageInfo:
     corrupt: bool = False       # qcow2 header says so (QEMU refuses to write to it)
 
 
-def _limit_inspector() -> None:  # runs in the child before exec
-    resource.setrlimit(resource.RLIMIT_AS, (_INSPECT_LIMIT_BYTES, _INSPECT_LIMIT_BYTES))
-    resource.setrlimit(resource.RLIMIT_CPU, (_INSPECT_CPU_SECONDS, _INSPECT_CPU_SECONDS))
+def limited(argv: list[str], *, inspect: bool = False) -> list[str]:
+    """``argv`` under util-linux wrappers: capped address space (plus CPU time when only
+    inspecting), and SIGKILL when the service dies (an interrupted import must not leave
+    qemu-img writing on). Wrappers instead of ``preexec_fn``: that is unsafe in a
+    threaded service and forces a slow fork of the whole process."""
+    caps = ([f"--as={INSPECT_ADDRESS_SPACE}", f"--cpu={INSPECT_CPU_SECONDS}"] if inspect
+            else [f"--as={WORK_ADDRESS_SPACE}"])
+    return ["setpriv", "--pdeathsig", "KILL", "prlimit", *caps, "--", *argv]
+
+
+def run_limited(argv: list[str], *, inspect: bool = False,
+                timeout: float) -> subprocess.CompletedProcess:
+    """Run qemu-img capped (see ``limited``); raises the subprocess errors as they come."""
+    return subprocess.run(limited(argv, inspect=inspect), capture_output=True, text=True,
+                          timeout=timeout, env=_ENV)
+
+
+def popen_limited(argv: list[str]) -> subprocess.Popen:
+    """A long qemu-img job (convert -p) whose output the caller follows."""
+    return subprocess.Popen(limited(argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=_ENV)
 
 
 def inspect_image(path: Path, fmt: str | None = None) -> ImageInfo:
@@ -40,8 +65,7 @@ def inspect_image(path: Path, fmt: str | None = None) -> ImageInfo:
         argv += ["-f", fmt]
     argv.append(str(path))
     try:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=60,
-                              preexec_fn=_limit_inspector)
+        done = run_limited(argv, inspect=True, timeout=60)
     except (OSError, subprocess.SubprocessError) as exc:
         raise StorageError(f"qemu-img info {path} failed: {exc}", path=str(path)) from exc
     if done.returncode != 0:
@@ -69,14 +93,9 @@ def guess_format(path: Path) -> str:
 
 
 # --- writing: every call names the format (-f, -F, -O); qemu-img never probes ----------
-def _limit_memory() -> None:  # runs in the child before exec (no CPU cap: real work)
-    resource.setrlimit(resource.RLIMIT_AS, (_INSPECT_LIMIT_BYTES, _INSPECT_LIMIT_BYTES))
-
-
 def _run(argv: list[str], what: str, *, timeout: float = 3600) -> subprocess.CompletedProcess:
     try:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
-                              preexec_fn=_limit_memory)
+        done = run_limited(argv, timeout=timeout)
     except (OSError, subprocess.SubprocessError) as exc:
         raise StorageError(f"{what} failed: {exc}", argv=argv) from exc
     if done.returncode != 0:
@@ -112,8 +131,7 @@ def check_image(path: Path, fmt: str) -> None:
     """qemu-img check: refuse images with corrupt metadata (exit 2) or leaks ignored."""
     argv = ["qemu-img", "check", "-q", "-U", "-f", fmt, str(path)]
     try:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=600,
-                              preexec_fn=_limit_inspector)
+        done = run_limited(argv, inspect=True, timeout=600)
     except (OSError, subprocess.SubprocessError) as exc:
         raise StorageError(f"qemu-img check {path} failed: {exc}", path=str(path)) from exc
     # 0 clean, 3 only leaked clusters (harmless), 63 format has no check (raw);

@@ -13,7 +13,7 @@ import subprocess
 from pathlib import Path
 
 from parvisor.errors import StorageError
-from parvisor.storage.qemu_img import _limit_inspector, _run
+from parvisor.storage.qemu_img import _run, run_limited
 
 
 def list_snapshots(path: Path) -> list[str]:
@@ -21,8 +21,7 @@ def list_snapshots(path: Path) -> list[str]:
     VM holds the image)."""
     argv = ["qemu-img", "info", "--output=json", "-U", "-f", "qcow2", str(path)]
     try:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=60,
-                              preexec_fn=_limit_inspector)
+        done = run_limited(argv, inspect=True, timeout=60)
         data = json.loads(done.stdout) if done.returncode == 0 else None
     except (OSError, subprocess.SubprocessError, ValueError) as exc:
         raise StorageError(f"cannot list snapshots of {path}: {exc}", path=str(path)) from exc

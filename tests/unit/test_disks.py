@@ -222,3 +222,24 @@ def test_vm_create_checks_the_whole_chain_of_given_disks(service, tmp_path):
     with pytest.raises(InvalidInput, match="outside the storage roots"):
         create(service, "bad", disk=str(outside))
     assert service.vms.list() == [] and not (root / "vms").exists()
+
+
+def test_qemu_img_runs_are_capped_and_keep_room_for_their_threads():
+    """Hostile images: inspection is capped hard (address space and CPU time); real work
+    keeps room for qemu-img's I/O thread pool (a 1 GiB cap made converts fail under load
+    with "qemu_thread_create: Resource temporarily unavailable")."""
+    from parvisor.storage import qemu_img as qi
+
+    def limits(inspect: bool) -> str:
+        done = qi.run_limited(["sh", "-c", "cat /proc/self/limits; echo $MALLOC_ARENA_MAX"],
+                              inspect=inspect, timeout=30)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    inspecting = limits(True)
+    assert f"Max address space         {qi.INSPECT_ADDRESS_SPACE}" in inspecting
+    assert f"Max cpu time              {qi.INSPECT_CPU_SECONDS}" in inspecting
+    working = limits(False)
+    assert f"Max address space         {qi.WORK_ADDRESS_SPACE}" in working
+    assert "Max cpu time              unlimited" in working
+    assert working.strip().endswith("2")      # MALLOC_ARENA_MAX
