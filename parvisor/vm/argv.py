@@ -53,6 +53,9 @@ class LaunchSpec:
     start_paused: bool = False
     # disk ids whose files sit where O_DIRECT fails (e.g. old tmpfs): host page cache
     buffered_disks: frozenset[str] = frozenset()
+    # cluster CPU baseline (processor compatibility mode): a named QEMU CPU model every
+    # host runs, so the VM can move between hosts with different CPUs; None: host/max
+    cpu_baseline: str | None = None
 
 
 # --- names shared with other layers -------------------------------------------------------
@@ -115,7 +118,7 @@ def machine_args(spec: LaunchSpec) -> list[str]:
     # Machine options and CPU model depend on generation / OS: see parvisor.vm.firmware.
     d = spec.definition
     return ["-machine", machine_type(d), "-accel", spec.accelerator,
-            "-cpu", cpu_model(d, spec.accelerator)]
+            "-cpu", cpu_model(d, spec.accelerator, spec.cpu_baseline)]
 
 
 def smp_args(spec: LaunchSpec) -> list[str]:

@@ -20,6 +20,7 @@ or starts processes (that is ``parvisor.vm.prelaunch``), so golden tests pin it.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -48,6 +49,7 @@ TPM_LOG = "swtpm.log"
 HYPERV_ENLIGHTENMENTS = ("hv-relaxed", "hv-vapic", "hv-spinlocks=0x1fff", "hv-time",
                          "hv-synic", "hv-stimer", "hv-vpindex", "hv-runtime", "hv-reset",
                          "hv-frequencies", "hv-reenlightenment", "hv-tlbflush", "hv-ipi")
+_CPU_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 @dataclass(frozen=True)
@@ -90,19 +92,37 @@ def machine_type(definition: VmDefinition) -> str:
     return "q35,smm=on" if definition.secure_boot else "q35"
 
 
-def cpu_model(definition: VmDefinition, accelerator: Literal["kvm", "tcg"]) -> str:
-    """``host`` (+ Hyper-V enlightenments for Windows) under KVM, ``max`` under TCG.
+def cpu_model(definition: VmDefinition, accelerator: Literal["kvm", "tcg"],
+              baseline: str | None = None) -> str:
+    """``host`` (+ Hyper-V enlightenments for Windows) under KVM, ``max`` under TCG;
+    with a cluster CPU ``baseline`` that named model instead, with ``enforce``.
 
     The enlightenments are paravirtual interfaces that KVM implements in the kernel
     (synthetic timers, APIC assists, TLB-flush hypercalls). TCG implements none of them:
     QEMU refuses most ``hv-*`` flags without KVM, and a Windows guest under TCG gains
     nothing from them, so they are only added when the host runs KVM.
+
+    A baseline (processor compatibility mode) exists so the guest sees the same CPU on
+    every host it moves to. ``enforce`` makes QEMU refuse to start where the host lacks
+    one of the model's features; without it QEMU drops the feature with a warning and
+    the guest would see a smaller CPU here than elsewhere, which breaks it after a move.
     """
-    if accelerator != "kvm":
-        return "max"
-    if definition.os_type == "windows":
-        return ",".join(("host", *HYPERV_ENLIGHTENMENTS))
-    return "host"
+    base = cpu_model_name(accelerator, baseline)
+    if baseline is not None:
+        base += ",enforce"
+    if accelerator == "kvm" and definition.os_type == "windows":
+        return ",".join((base, *HYPERV_ENLIGHTENMENTS))
+    return base
+
+
+def cpu_model_name(accelerator: Literal["kvm", "tcg"], baseline: str | None = None) -> str:
+    """Only the model's name (``host``, ``max`` or the baseline), for comparisons."""
+    if baseline is None:
+        return "host" if accelerator == "kvm" else "max"
+    if not _CPU_MODEL_NAME.match(baseline):
+        # a ',' would smuggle options into -cpu; QEMU's model names never need one
+        raise ValueError(f"CPU baseline {baseline!r} is not a QEMU CPU model name")
+    return baseline
 
 
 def rtc_base(definition: VmDefinition) -> str:

@@ -231,6 +231,14 @@ def test_golden_windows_under_kvm_has_hyperv_enlightenments() -> None:
     check_golden("kvm_windows_gen2", build_argv(spec(vm, accelerator="kvm")))
 
 
+def test_golden_cluster_cpu_baseline() -> None:
+    # processor compatibility mode: the named model, enforced, enlightenments as before
+    vm = definition(os_type="windows", generation=2)
+    check_golden("kvm_windows_cpu_baseline",
+                 build_argv(spec(vm, accelerator="kvm", cpu_baseline="Skylake-Server")))
+    assert qargv.machine_args(spec(definition(), cpu_baseline="qemu64"))[-1] == "qemu64,enforce"
+
+
 def test_windows_under_tcg_gets_no_enlightenments_but_local_time() -> None:
     argv = build_argv(spec(definition(os_type="windows")))
     assert argv[argv.index("-cpu") + 1] == "max"
