@@ -28,6 +28,9 @@ Two branches matter to callers:
         ├── StorageError             500  qemu-img, image files
         ├── StoreError               500  the SQLite store
         ├── ImageError               500  building the tiny guest image
+        ├── MigrationError           500  live migration did not happen; the source runs on
+        │   ├── MigrationFailed      500  QEMU, the link or the destination failed / timed out
+        │   └── MigrationCancelled   409  stopped on request (the VM stays where it was)
         └── ServiceUnavailable       503  the host service is not reachable (CLI side)
 """
 
@@ -131,6 +134,24 @@ class StoreError(Failed):
 
 class ImageError(Failed):
     code = "image_error"
+
+
+class MigrationError(Failed):
+    """A live migration did not complete. Raised only once the source VM is back in the
+    state it had before (running again if it was running)."""
+
+    code = "migration_error"
+
+
+class MigrationFailed(MigrationError):
+    code = "migration_failed"
+
+
+class MigrationCancelled(MigrationError):
+    """Cancelled on request: nothing moved, like a refusal, hence 409."""
+
+    code = "migration_cancelled"
+    http_status = 409
 
 
 class ServiceUnavailable(Failed):
