@@ -40,11 +40,12 @@ VM would be lost), or touch the destination's run state before the caller says s
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Awaitable, Callable, Iterable
 from urllib.parse import urlsplit
 
 from parvisor.errors import MigrationCancelled, MigrationFailed, QmpError, VmError
@@ -59,6 +60,7 @@ from parvisor.vm.process import QemuProcess
 log = logging.getLogger(__name__)
 
 POLL_INTERVAL_S = 0.15
+RESUME_POLL_S = 0.01        # the destination finishing its load is on the guest's pause
 CANCEL_TIMEOUT_S = 30.0
 MIRROR_READY_TIMEOUT_S = 3600.0
 MIRROR_FINISH_TIMEOUT_S = 120.0
@@ -69,7 +71,7 @@ MIG_PREFIX = "mig-"        # job ids, NBD client nodes and export ids we create
 # QEMU's defaults, restored after a failed attempt so a later save/migration starts clean
 DEFAULT_PARAMETERS: dict[str, Any] = {
     "downtime-limit": 300, "max-bandwidth": 128 << 20, "tls-creds": "", "tls-hostname": "",
-    "throttle-trigger-threshold": 50, "cpu-throttle-initial": 20,
+    "max-postcopy-bandwidth": 0, "throttle-trigger-threshold": 50, "cpu-throttle-initial": 20,
     "cpu-throttle-increment": 10, "max-cpu-throttle": 99,
 }
 THROTTLE_ON = {"throttle-trigger-threshold": 50, "cpu-throttle-initial": 20,
@@ -199,6 +201,12 @@ async def _has_tls_object(process: QemuProcess) -> bool:
     return any(c.get("name") == TLS_OBJECT_ID for c in children)
 
 
+async def reset_migration_settings(process: QemuProcess) -> None:
+    """Public form of the settings reset (after a post-copy migration completed on the
+    destination, which ``resume_incoming`` could not wait for)."""
+    await _reset_settings(process)
+
+
 async def _reset_settings(process: QemuProcess) -> None:
     """Back to QEMU's defaults, so a later save (fd: migration) or migration does not
     inherit TLS, return-path and friends from this one."""
@@ -266,25 +274,28 @@ async def export_disks(process: QemuProcess, listen_host: str, port: int,
                 "type": "nbd", "id": _mig_id(node), "node-name": node, "name": node,
                 "writable": True})
     except BaseException:
-        await stop_export(process)
+        await stop_export(process, force=True)
         raise
     return f"nbd://{host}:{port}"
 
 
-async def stop_export(process: QemuProcess) -> None:
-    """Remove our NBD exports and stop the NBD server (idempotent)."""
+async def stop_export(process: QemuProcess, *, force: bool = False) -> None:
+    """Remove our NBD exports and stop the NBD server (idempotent; ``force`` stops the
+    server even when no export of ours is left)."""
     if process.exited or not process.qmp.connected:
         return
     try:
         exports = await _execute(process, "query-block-exports")
     except QmpError:
         exports = []
-    for export in exports:
-        if str(export.get("id", "")).startswith(MIG_PREFIX):
-            try:
-                await _execute(process, "block-export-del", {"id": export["id"]})
-            except QmpError as exc:
-                log.debug("block-export-del %s: %s", export["id"], exc.message)
+    ours = [e for e in exports if str(e.get("id", "")).startswith(MIG_PREFIX)]
+    if not ours and not force:
+        return      # nothing exported (or already stopped): no extra round trips
+    for export in ours:
+        try:
+            await _execute(process, "block-export-del", {"id": export["id"]})
+        except QmpError as exc:
+            log.debug("block-export-del %s: %s", export["id"], exc.message)
     try:
         await _execute(process, "nbd-server-stop")
     except QmpError:
@@ -292,9 +303,12 @@ async def stop_export(process: QemuProcess) -> None:
 
 
 async def resume_incoming(process: QemuProcess, *, start: bool = True,
-                          timeout: float = 60.0) -> None:
+                          postcopy: bool = False, timeout: float = 60.0) -> None:
     """After the ownership switch: check the destination loaded the complete state,
-    then ``cont`` it (``start=False``: a VM the user had paused stays paused)."""
+    then ``cont`` it (``start=False``: a VM the user had paused stays paused).
+
+    ``postcopy=True`` (from ``migrate_out``'s ``on_postcopy``): an incoming migration in
+    post-copy counts too; the guest runs and pulls missing pages from the source."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while True:
@@ -310,14 +324,17 @@ async def resume_incoming(process: QemuProcess, *, start: bool = True,
                                   f" {info.error or 'no reason given'}")
         if info.status == "completed" and run.status != "inmigrate":
             break
+        if postcopy and info.status in POSTCOPY_STATUSES and run.status != "inmigrate":
+            break
         if loop.time() >= deadline:
             raise MigrationFailed(f"incoming migration not complete after {timeout:g} s"
                                   f" (migration {info.status}, VM {run.status})")
-        await asyncio.sleep(POLL_INTERVAL_S)
+        await asyncio.sleep(RESUME_POLL_S)
     await stop_export(process)
-    await _reset_settings(process)
     if start and not run.running:
         await process.resume()
+    if info.status == "completed":     # after cont: not part of the guest's pause
+        await _reset_settings(process)    # (post-copy: reset_migration_settings later)
     log.info("migration: destination pid %d %s", process.pid,
              "resumed" if start else "left paused")
 
@@ -367,6 +384,7 @@ async def mirror_disks(process: QemuProcess, nbd_uri: str, disks: list[str],
     if parts.scheme != "nbd" or parts.hostname is None or parts.port is None:
         raise ValueError(f"not an nbd://HOST:PORT uri: {nbd_uri}")
     waiters: dict[str, asyncio.Future[dict[str, Any]]] = {}
+    ready: dict[str, asyncio.Future[dict[str, Any]]] = {}
     try:
         if tls_creds_dir is not None:
             await _tls_object(process, Path(tls_creds_dir), "client")
@@ -381,19 +399,21 @@ async def mirror_disks(process: QemuProcess, nbd_uri: str, disks: list[str],
             await _execute(process, "blockdev-add", nbd)
             # a job that ends before it is ready failed (auto-dismiss removes it)
             waiters[job] = _job_end_waiter(process, job)
+            ready[job] = process.expect_event("BLOCK_JOB_READY",
+                                              lambda d, j=job: d.get("device") == j)
             mirror: dict[str, Any] = {"job-id": job, "device": node, "target": job,
                                       "sync": "full", "copy-mode": copy_mode}
             if speed:
                 mirror["speed"] = speed
             await _execute(process, "blockdev-mirror", mirror)
-        await _wait_mirrors_ready(process, waiters, on_progress, timeout)
+        await _wait_mirrors_ready(process, waiters, on_progress, timeout, ready)
     except BaseException as exc:
         await cancel_mirror(process)
         if isinstance(exc, (VmError, asyncio.TimeoutError)):
             raise MigrationFailed(f"copying the disks failed: {_message(exc)}") from exc
         raise
     finally:
-        for future in waiters.values():
+        for future in (*waiters.values(), *ready.values()):
             future.cancel()
 
 
@@ -417,9 +437,14 @@ def _job_end_waiter(process: QemuProcess, job: str) -> "asyncio.Future[dict[str,
 
 async def _wait_mirrors_ready(process: QemuProcess,
                               waiters: dict[str, asyncio.Future[dict[str, Any]]],
-                              on_progress: ProgressCallback | None, timeout: float) -> None:
+                              on_progress: ProgressCallback | None, timeout: float,
+                              ready: dict[str, asyncio.Future[dict[str, Any]]] | None = None
+                              ) -> None:
+    """Wait for every job's BLOCK_JOB_READY (or a query showing it ready), reporting
+    progress every POLL_INTERVAL_S; a job that ends first is a failure."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
+    ready = ready or {}
     while True:
         for job, future in waiters.items():
             if future.done():
@@ -430,16 +455,20 @@ async def _wait_mirrors_ready(process: QemuProcess,
             raise MigrationFailed("the source QEMU exited while copying the disks")
         jobs = {j["device"]: j for j in await _mig_jobs(process)}
         total, remaining = _disk_progress(jobs.values())
+        done = all(jobs.get(job, {}).get("ready") or
+                   (job in ready and ready[job].done()) for job in waiters)
         _emit(on_progress, MigrationProgress(
             status="mirroring", passes=0, ram_remaining=0, ram_total=0, dirty_rate=0,
-            disk_remaining=remaining, disk_total=total, eta_s=None,
-            transferred=total - remaining, downtime_limit_ms=0))
-        if all(jobs.get(job, {}).get("ready") for job in waiters):
+            disk_remaining=0 if done else remaining, disk_total=total, eta_s=None,
+            transferred=total if done else total - remaining, downtime_limit_ms=0))
+        if done:
             return
         if loop.time() >= deadline:
             raise MigrationFailed(f"disk mirrors not in sync after {timeout:g} s"
                                   f" ({remaining >> 20} MiB left)")
-        await asyncio.sleep(POLL_INTERVAL_S)
+        pending = {f for f in (*ready.values(), *waiters.values()) if not f.done()}
+        await asyncio.wait(pending, timeout=POLL_INTERVAL_S,
+                           return_when=asyncio.FIRST_COMPLETED)
 
 
 async def finish_mirror(process: QemuProcess, *,
@@ -499,7 +528,9 @@ async def migrate_out(process: QemuProcess, uri: str, policy: ConvergencePolicy,
                       on_progress: ProgressCallback | None = None,
                       cancelled: Callable[[], bool] | None = None,
                       mirroring: bool = False, tls_creds_dir: Path | None = None,
-                      tls_hostname: str | None = None) -> MigrationResult:
+                      tls_hostname: str | None = None,
+                      on_postcopy: Callable[[], Awaitable[None]] | None = None
+                      ) -> MigrationResult:
     """Send the running VM to the destination listening at ``uri``.
 
     Success: the source is paused (``postmigrate``) and the result says how it went.
@@ -507,6 +538,14 @@ async def migrate_out(process: QemuProcess, uri: str, policy: ConvergencePolicy,
     link or destination failed, policy abort, timeout) are raised once the source runs
     again if it ran before. With ``mirroring`` the disk mirrors of ``mirror_disks``
     must be ready; they are completed at the switchover (see the module docstring).
+
+    Post-copy (``policy.postcopy``, started by the policy when pre-copy cannot
+    converge): from then on the VM can only run on the destination, which is paused
+    (``-S``) until resumed. ``on_postcopy`` is awaited once when post-copy starts: the
+    caller switches ownership there and has the destination call
+    ``resume_incoming(dest, postcopy=True)``; the rest of the memory follows on demand
+    and this function returns when it is all across. Without ``on_postcopy`` the guest
+    stays paused until completion (safe, but the whole post-copy phase is downtime).
     """
     try:
         was_running = (await process.query_status()).running
@@ -527,7 +566,7 @@ async def migrate_out(process: QemuProcess, uri: str, policy: ConvergencePolicy,
     log.info("migration: source pid %d -> %s started", process.pid, uri)
     try:
         final, state = await _follow(process, policy, state, on_progress, cancelled,
-                                     mirroring)
+                                     mirroring, on_postcopy)
     except (MigrationFailed, MigrationCancelled) as exc:
         await _restore_source(process, was_running, mirroring)
         log.warning("migration: source pid %d: %s", process.pid, exc.message)
@@ -556,6 +595,8 @@ async def _configure_source(process: QemuProcess, policy: ConvergencePolicy,
         "downtime-limit": state.downtime_limit_ms,
         "max-bandwidth": policy.bandwidth_bytes_per_s or UNLIMITED_BANDWIDTH,
         "tls-creds": "", "tls-hostname": ""}
+    if policy.postcopy:     # post-copy has its own cap (QEMU default 0: unlimited)
+        params["max-postcopy-bandwidth"] = policy.bandwidth_bytes_per_s or 0
     if policy.xbzrle:
         params["xbzrle-cache-size"] = policy.xbzrle_cache_bytes
     if policy.multifd_channels:
@@ -570,33 +611,72 @@ async def _configure_source(process: QemuProcess, policy: ConvergencePolicy,
 
 async def _follow(process: QemuProcess, policy: ConvergencePolicy, state: ConvergenceState,
                   on_progress: ProgressCallback | None, cancelled: Callable[[], bool] | None,
-                  mirroring: bool) -> tuple[MigrationSample, ConvergenceState]:
+                  mirroring: bool, on_postcopy: Callable[[], Awaitable[None]] | None = None,
+                  ) -> tuple[MigrationSample, ConvergenceState]:
     """Poll query-migrate until the end, applying the policy; raises on failure."""
-    while True:
-        if process.exited:
-            raise MigrationFailed("the source QEMU exited during migration")
-        sample = MigrationSample.from_reply(await _execute(process, "query-migrate"))
-        if sample.status == "completed":
-            _emit(on_progress, _progress(sample, state, None))
-            return sample, state
-        if sample.status in ("failed", "cancelled"):
-            raise MigrationFailed(f"QEMU reports the migration {sample.status}:"
-                                  f" {sample.error or 'no reason given'}")
-        in_postcopy = sample.status in POSTCOPY_STATUSES
-        if cancelled is not None and cancelled():
-            if not in_postcopy:
-                raise MigrationCancelled("migration cancelled on request; the VM stays"
-                                         " on the source")
-            log.warning("migration in post-copy cannot be cancelled: finishing it")
-        if sample.status == "pre-switchover":
-            await _switchover(process, mirroring)
-            continue
-        state, actions = next_action(policy, state, sample)
-        for action in actions:
-            await _apply(process, action)
-        disks = _disk_progress(await _mig_jobs(process)) if mirroring else (0, 0)
-        _emit(on_progress, _progress(sample, state, disks))
-        await asyncio.sleep(POLL_INTERVAL_S)
+    postcopy_notified = False
+    wake: asyncio.Future[dict[str, Any]] | None = None
+    try:
+        while True:
+            if wake is None or wake.done():
+                wake = process.expect_event("MIGRATION", _wakes_follow)
+            sample, state, postcopy_notified, done = await _follow_once(
+                process, policy, state, on_progress, cancelled, mirroring, on_postcopy,
+                postcopy_notified)
+            if done:
+                return sample, state
+            # the MIGRATION event (capability "events") ends the wait at once on
+            # completion: the switchover latency is not a polling interval
+            await asyncio.wait({wake}, timeout=POLL_INTERVAL_S)
+    finally:
+        if wake is not None:
+            wake.cancel()
+
+
+def _wakes_follow(data: dict[str, Any]) -> bool:
+    return data.get("status") in ("completed", "failed", "cancelled", "pre-switchover",
+                                  "postcopy-active")
+
+
+async def _follow_once(process: QemuProcess, policy: ConvergencePolicy,
+                       state: ConvergenceState, on_progress: ProgressCallback | None,
+                       cancelled: Callable[[], bool] | None, mirroring: bool,
+                       on_postcopy: Callable[[], Awaitable[None]] | None,
+                       postcopy_notified: bool
+                       ) -> tuple[MigrationSample, ConvergenceState, bool, bool]:
+    """One poll: (sample, state, post-copy hook called, finished)."""
+    if process.exited:
+        raise MigrationFailed("the source QEMU exited during migration")
+    sample = MigrationSample.from_reply(await _execute(process, "query-migrate"))
+    if sample.status == "completed":
+        _emit(on_progress, _progress(sample, state, None))
+        return sample, state, postcopy_notified, True
+    if sample.status in ("failed", "cancelled"):
+        raise MigrationFailed(f"QEMU reports the migration {sample.status}:"
+                              f" {sample.error or 'no reason given'}")
+    in_postcopy = sample.status in POSTCOPY_STATUSES
+    if in_postcopy and not postcopy_notified:
+        postcopy_notified = True
+        state = dataclasses.replace(state, postcopy_started=True)
+        if on_postcopy is not None:
+            try:
+                await on_postcopy()
+            except Exception:      # post-copy cannot be undone: finish it anyway
+                log.exception("migration: the post-copy hook failed")
+    if cancelled is not None and cancelled():
+        if not in_postcopy:
+            raise MigrationCancelled("migration cancelled on request; the VM stays"
+                                     " on the source")
+        log.warning("migration in post-copy cannot be cancelled: finishing it")
+    if sample.status == "pre-switchover":
+        await _switchover(process, mirroring)
+        return sample, state, postcopy_notified, False
+    state, actions = next_action(policy, state, sample)
+    for action in actions:
+        await _apply(process, action)
+    disks = _disk_progress(await _mig_jobs(process)) if mirroring else (0, 0)
+    _emit(on_progress, _progress(sample, state, disks))
+    return sample, state, postcopy_notified, False
 
 
 def _progress(sample: MigrationSample, state: ConvergenceState,
@@ -711,6 +791,6 @@ def _message(exc: BaseException) -> str:
 
 __all__ = [
     "MigrationProgress", "MigrationResult", "free_port", "tcp_uri", "mirrored_nodes",
-    "prepare_incoming", "export_disks", "stop_export", "resume_incoming", "abort_incoming",
+    "reset_migration_settings", "prepare_incoming", "export_disks", "stop_export", "resume_incoming", "abort_incoming",
     "mirror_disks", "finish_mirror", "cancel_mirror", "migrate_out", "recover_source",
 ]
