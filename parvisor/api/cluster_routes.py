@@ -7,8 +7,16 @@ import asyncio
 from typing import Any
 
 from fastapi import FastAPI
+from pydantic import Field
 
 from parvisor.errors import StateError
+from parvisor.ops.requests import Request
+
+
+class CpuBaseline(Request):
+    """A named QEMU CPU model, ``auto`` (the best model every host runs) or ``none``."""
+
+    model: str = Field(min_length=1, max_length=64)
 
 PREFIX = "/v1/cluster"
 
@@ -27,6 +35,10 @@ def install_cluster_routes(app: FastAPI, service: Any) -> None:
     @app.post(f"{PREFIX}/hosts/{{name}}/drain", tags=["cluster"])
     async def drain_host(name: str) -> dict[str, Any]:
         return await asyncio.to_thread(_runtime(service).set_maintenance, name, True)
+
+    @app.put(f"{PREFIX}/cpu-baseline", tags=["cluster"])
+    async def set_cpu_baseline(body: CpuBaseline) -> dict[str, Any]:
+        return await asyncio.to_thread(_runtime(service).set_cpu_baseline, body.model)
 
     @app.post(f"{PREFIX}/hosts/{{name}}/resume", tags=["cluster"])
     async def resume_host(name: str) -> dict[str, Any]:

@@ -133,3 +133,16 @@ def resume(name: str, as_json: bool = JsonOpt) -> None:
     """End maintenance on NAME."""
     emit(client().post(f"/cluster/hosts/{name}/resume"), as_json,
          lambda d: out.print(f"{name}: {d['note']}"))
+
+
+@cluster_app.command("cpu-baseline")
+def cpu_baseline(model: str = typer.Argument(
+        ..., help="A QEMU CPU model every host runs, 'auto' (the best such model) or "
+                  "'none' (host CPU passthrough)."),
+        as_json: bool = JsonOpt) -> None:
+    """Processor compatibility: the CPU model every VM starts with, so VMs can live-
+    migrate between hosts with different CPUs (applies from each VM's next start)."""
+    result = client().request("PUT", "/cluster/cpu-baseline", json={"model": model})
+    emit(result, as_json, lambda r: out.print(
+        f"cluster CPU baseline: {r['cpu_baseline'] or 'none (host CPU)'}; {r['note']}",
+        markup=False))

@@ -147,6 +147,7 @@ def main() -> None:
     from parvisor.cli import import_commands, plan_command  # noqa: F401  (import, plan)
     from parvisor.cli import checkpoint_commands  # noqa: F401  (checkpoint, clone, export)
     from parvisor.cli import cluster_commands, lab_commands  # noqa: F401  (cluster, lab)
+    from parvisor.cli import migration_commands  # noqa: F401  (vm migrate)
     try:
         app()
     except ParvisorError as exc:

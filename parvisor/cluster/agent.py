@@ -147,7 +147,8 @@ class Agent:
     def _kill_orphans(self, snapshot: Snapshot, local: dict[str, LocalVm]) -> None:
         marked = [LocalVm(vm.uuid, vm.ha, vm.pid,
                           snapshot.owners.get(vm.uuid) is not None
-                          and snapshot.owners[vm.uuid].host == self.record.name)
+                          and snapshot.owners[vm.uuid].host == self.record.name,
+                          vm.incoming)
                   for vm in local.values()]
         for vm in orphans(marked):
             self.env.kill_vm(vm.uuid)

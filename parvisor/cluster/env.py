@@ -36,6 +36,8 @@ class HostRecord:
     cpus: int
     shared_storage: bool = True
     site: str = ""
+    # what live migration checks before anything moves (parvisor.hypervisor.facts)
+    migration: dict = field(default_factory=dict, compare=False, hash=False)
 
 
 @dataclass(frozen=True)

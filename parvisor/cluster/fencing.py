@@ -26,6 +26,7 @@ class LocalVm:
     ha: bool
     pid: int | None = None
     owned_here: bool | None = None   # None: ownership unknown (etcd unreachable)
+    incoming: bool = False           # a live-migration target, paused until the switch
 
 
 def fence_deadline(last_ok_sent: float, ttl_s: float, margin_s: float) -> float:
@@ -51,5 +52,8 @@ def to_kill_at_deadline(vms: list[LocalVm]) -> list[LocalVm]:
 
 def orphans(vms: list[LocalVm]) -> list[LocalVm]:
     """Processes whose fresh owner record names another host (INV-5): kill any time.
-    Unknown ownership (``owned_here is None``) is never a reason to kill."""
-    return sorted((vm for vm in vms if vm.owned_here is False), key=lambda vm: vm.uuid)
+    Unknown ownership (``owned_here is None``) is never a reason to kill, and neither
+    is an incoming migration copy (owned elsewhere until the switch, paused; the
+    migration protocol removes it when the migration fails)."""
+    return sorted((vm for vm in vms if vm.owned_here is False and not vm.incoming),
+                  key=lambda vm: vm.uuid)

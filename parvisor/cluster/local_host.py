@@ -15,6 +15,7 @@ a fence kill (etcd is usually unreachable then, and the cluster status key is th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -36,8 +37,11 @@ START_WAIT_S = 3.0      # longest the agent thread waits for a QEMU launch (then
 
 class ServiceLocalHost:
     def __init__(self, vms: Any, loop: asyncio.AbstractEventLoop, lease_file: Path,
-                 watchdog: WatchdogClient | None, host: str) -> None:
+                 watchdog: WatchdogClient | None, host: str,
+                 incoming: dict[str, Any] | None = None) -> None:
         self.vms = vms                  # ClusterVmManager
+        # live-migration targets (uuid -> QemuProcess), kept by the migration coordinator
+        self.incoming = incoming if incoming is not None else {}
         self.loop = loop
         self.lease_file = lease_file
         self.watchdog = watchdog
@@ -58,6 +62,10 @@ class ServiceLocalHost:
         process = runtime.process if runtime else None
         return process.pid if process is not None and pid_alive(process.pid) else None
 
+    def _incoming_pid(self, vm_uuid: str) -> int | None:
+        process = self.incoming.get(vm_uuid)
+        return process.pid if process is not None and pid_alive(process.pid) else None
+
     def local_vms(self) -> list[LocalVm]:
         with self._lock:
             ha = dict(self.ha)
@@ -66,6 +74,13 @@ class ServiceLocalHost:
             pid = self._pid(vm_uuid)
             if pid is not None:   # unknown VM: treat as HA, so a fence never spares it
                 out.append(LocalVm(vm_uuid, ha.get(vm_uuid, True), pid))
+        seen = {vm.uuid for vm in out}
+        for vm_uuid, process in list(self.incoming.items()):
+            # counted as running here, so after the switch the agent adopts it instead
+            # of starting a second QEMU; never an orphan before the switch
+            pid = self._incoming_pid(vm_uuid)
+            if vm_uuid not in seen and pid is not None:
+                out.append(LocalVm(vm_uuid, ha.get(vm_uuid, True), pid, incoming=True))
         return out
 
     def start_vm(self, vm: ClusterVm) -> None:
@@ -85,6 +100,10 @@ class ServiceLocalHost:
         """The self-fence: SIGKILL now, from this thread (the event loop may be slow)."""
         runtime = self.vms.runtimes.get(vm_uuid)
         pid = self._pid(vm_uuid)
+        incoming = self._incoming_pid(vm_uuid)
+        if incoming is not None:       # an incoming migration copy: paused, just kill it
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(incoming, signal.SIGKILL)
         if runtime is None or pid is None:
             return
         runtime.expecting_exit = True     # not a crash: the watcher must not record one

@@ -44,6 +44,7 @@ from parvisor.cluster.vm_ops import ClusterVmManager
 from parvisor.cluster.watchdog import WatchdogClient, process_start_ticks
 from parvisor.config import HostConfig
 from parvisor.errors import ServiceUnavailable
+from parvisor.migration.coordinator import MigrationCoordinator
 from parvisor.store.etcd import EtcdStore
 from parvisor.vm.paths import VmPaths, vms_dir
 from parvisor.vm.process import QemuProcess
@@ -84,6 +85,7 @@ class ClusterRuntime:
         # the keepalive loop for long (the fence deadline is checked between calls).
         self.agent_kv = EtcdKV(list(settings.endpoints), timeout_s=1.0, tls=tls)
         self.agent: Agent | None = None
+        self.migrations: MigrationCoordinator | None = None
         self._stop = threading.Event()
         self._watchdog_pid: int | None = None
         self._watchdog: WatchdogClient | None = None
@@ -136,20 +138,34 @@ class ClusterRuntime:
     # --- the agent ------------------------------------------------------------------
     async def start(self, vms: ClusterVmManager) -> list[asyncio.Task]:
         self._watchdog = self._connect_watchdog()
+        self.migrations = MigrationCoordinator(
+            vms, self.settings.host, migration_address=self.settings.migration_ip(),
+            max_concurrent=self.settings.max_concurrent_migrations)
+        vms.migrations = self.migrations
         local = ServiceLocalHost(vms, asyncio.get_running_loop(), self.dir / "lease",
-                                 self._watchdog, self.settings.host)
+                                 self._watchdog, self.settings.host,
+                                 incoming=self.migrations.incoming)
         env = EtcdEnv(self.agent_kv, self.settings.name, self.settings.host, local,
                       self.settings.shared_storage)
         self.agent = Agent(env, self._host_record(), policy_of(self.settings))
         thread = threading.Thread(target=self._loop, name="cluster-agent", daemon=True)
         thread.start()
-        return [asyncio.create_task(self._supervise(thread))]
+        return [asyncio.create_task(self._supervise(thread)),
+                asyncio.create_task(self.migrations.run(), name="migrations")]
 
     def _host_record(self) -> HostRecord:
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         return HostRecord(self.settings.host, memory, os.cpu_count() or 1,
                           shared_storage=self.settings.shared_storage is not None,
-                          site=self.settings.site)
+                          site=self.settings.site, migration=self._migration_facts())
+
+    def _migration_facts(self) -> dict[str, Any]:
+        from parvisor.migration.checks import local_facts
+        try:
+            return local_facts(self.config, self.settings, self.store)
+        except Exception as exc:   # noqa: BLE001 - a host without facts is refused, not down
+            log.error("cluster: migration facts not published: %s", exc)
+            return {}
 
     def _loop(self) -> None:
         assert self.agent is not None
@@ -247,6 +263,44 @@ class ClusterRuntime:
                              "fenced": agent.fenced if agent else None,
                              "timings": policy_of(self.settings).__dict__}
         return data
+
+    def set_cpu_baseline(self, model: str) -> dict[str, Any]:
+        """``cluster cpu-baseline MODEL|auto|none``: the named CPU model every VM of the
+        cluster starts with (from its next start), so VMs move between different CPUs.
+        Refused unless every host published that it can run the model."""
+        from parvisor.cluster.etcd_kv import op_delete, op_put
+        from parvisor.errors import InvalidInput
+        from parvisor.migration.compat import choose_cpu_baseline
+        from parvisor.vm.firmware import cpu_model_name
+        keys = self.store.keys
+        if model == "none":
+            self.store.kv.txn([], [op_delete(keys.cpu_baseline)])
+            return {"cpu_baseline": None, "note": "VMs start with the host CPU (host/max) "
+                    "from their next start; they then move only between identical hosts"}
+        models = self._hosts_cpu_models()
+        if model == "auto":
+            chosen = choose_cpu_baseline(models)
+            if chosen is None:
+                raise InvalidInput("no named CPU model runs on every host", hosts=sorted(models))
+            model = chosen
+        try:
+            cpu_model_name("kvm", model)
+        except ValueError as exc:
+            raise InvalidInput(str(exc)) from exc
+        lacking = sorted(host for host, names in models.items() if model not in names)
+        if lacking:
+            raise InvalidInput(f"CPU model {model!r} cannot run on {', '.join(lacking)}",
+                               lacking=lacking)
+        self.store.kv.txn([], [op_put(keys.cpu_baseline, model)])
+        return {"cpu_baseline": model, "hosts": sorted(models),
+                "note": "applies to each VM from its next start"}
+
+    def _hosts_cpu_models(self) -> dict[str, tuple[str, ...]]:
+        import json
+        items, _ = self.store.kv.get_prefix(self.store.keys.under("hosts"))
+        return {item.key.rsplit("/", 1)[-1]:
+                tuple(json.loads(item.value).get("migration", {}).get("cpu_models", ()))
+                for item in items}
 
     def set_maintenance(self, host: str, on: bool) -> dict[str, Any]:
         """``host drain``: no new placements, VMs stopped and started elsewhere (no live

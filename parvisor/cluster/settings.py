@@ -35,6 +35,10 @@ class ClusterSettings:
     shared_storage: Path | None = None      # the cluster storage path, if this host has it
     site: str = ""
     tick_s: float = 0.25                    # agent loop period (keepalives are paced inside)
+    # live migration: the address other hosts reach this one on for the memory stream
+    # (empty: the address this host uses towards its first etcd endpoint)
+    migration_address: str = ""
+    max_concurrent_migrations: int = 2      # outgoing, per host; more wait their turn
 
     @classmethod
     def from_table(cls, table: dict[str, Any], host_name: str, where: str = "") -> "ClusterSettings":
@@ -67,9 +71,22 @@ class ClusterSettings:
                                "(etcd with TLS and client certificates)")
         if not 0 < self.fence_margin_s < self.lease_ttl_s:
             raise InvalidInput(f"{where}[cluster]: need 0 < fence_margin_s < lease_ttl_s")
+        if self.max_concurrent_migrations < 1:
+            raise InvalidInput(f"{where}[cluster]: max_concurrent_migrations must be >= 1")
         if not 0 < self.keepalive_interval_s < self.lease_ttl_s - self.fence_margin_s:
             raise InvalidInput(f"{where}[cluster]: keepalive_interval_s must be shorter than "
                                "lease_ttl_s - fence_margin_s (else every host fences itself)")
+
+    def migration_ip(self) -> str:
+        """``migration_address``, else the local address of the route to etcd."""
+        if self.migration_address:
+            return self.migration_address
+        import socket
+        from urllib.parse import urlsplit
+        target = urlsplit(self.endpoints[0])
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect((target.hostname or "127.0.0.1", target.port or 2379))
+            return probe.getsockname()[0]
 
     def render(self) -> str:
         """The TOML section (appended at the end of config.toml: tables come last)."""

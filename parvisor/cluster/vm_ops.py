@@ -20,6 +20,7 @@ from typing import Any
 
 from parvisor.cluster.etcd_kv import cmp_mod, op_delete
 from parvisor.cluster.local_host import reset_for_takeover
+from parvisor.cluster.migration_host import MigrationHostActions
 from parvisor.errors import StateError
 from parvisor.model.states import VmState
 from parvisor.model.vm import VmStatus
@@ -29,8 +30,19 @@ from parvisor.store.base import VmRecord
 DRAIN_SHUTDOWN_TIMEOUT_S = 30.0    # graceful stop before a drain hand-off, then power-off
 
 
-class ClusterVmManager(VmManager):
+class ClusterVmManager(MigrationHostActions, VmManager):
     shared_storage: Path | None = None      # set by the cluster runtime
+    migrations: Any = None                  # MigrationCoordinator, set by the runtime
+
+    def _launch_spec(self, definition: Any, **extra: Any) -> Any:
+        """Every QEMU in the cluster runs the cluster's CPU baseline when one is set
+        (processor compatibility: VMs can then move between hosts with other CPUs)."""
+        extra.setdefault("cpu_baseline", self.cpu_baseline())
+        return super()._launch_spec(definition, **extra)
+
+    def cpu_baseline(self) -> str | None:
+        item = self.store.kv.get(self.store.keys.cpu_baseline)
+        return item.value.decode() if item is not None and item.value else None
 
     # --- reading --------------------------------------------------------------------
     def _cluster_doc(self, kind: str, vm_uuid: str) -> tuple[dict | None, int]:
@@ -96,13 +108,23 @@ class ClusterVmManager(VmManager):
 
     async def shutdown(self, name: str, timeout_s: float | None = None) -> dict[str, Any]:
         if self._here(name):
+            self._want_off(name)
             return await super().shutdown(name, timeout_s)
         return self._request_stop(name)
 
     async def turn_off(self, name: str) -> dict[str, Any]:
         if self._here(name):
+            self._want_off(name)
             return await super().turn_off(name)
         return self._request_stop(name)
+
+    def _want_off(self, name: str) -> None:
+        """Record the wish first: while QEMU goes down, this host's agent must see a VM
+        meant to be off, not a crash that the manager restarts (it did, before)."""
+        record = self.store.get_vm(name)
+        if record.state in (VmState.RUNNING, VmState.PAUSED):
+            self.store.set_state(record.uuid, record.state, record.state_reason,
+                                 desired_state="off")
 
     def _here(self, name: str) -> bool:
         runtime = self.runtimes.get(self.store.get_vm(name).uuid)

@@ -186,7 +186,7 @@ class Lab:
         settings = ClusterSettings(
             name=CLUSTER, host=node.name, endpoints=tuple(self.endpoints(state, node.name)),
             ca=self.pki / "ca.crt", cert=self.pki / f"host-{node.name}.crt",
-            key=self.pki / f"host-{node.name}.key", site=node.site,
+            key=self.pki / f"host-{node.name}.key", site=node.site, migration_address=node.ip,
             shared_storage=self.shared_dir if state.shared else None)
         (sdir / "config.toml").write_text(
             f"host_name = {json.dumps(node.name)}\nstorage_roots = {json.dumps(roots)}\n"
@@ -221,6 +221,28 @@ class Lab:
             self._start_etcd(state, node, "existing")
         if node.runs_vms:
             self._start_service(state, node)
+        state.save(self.dir)
+
+    def crash_service(self, name: str) -> int:
+        """SIGKILL of the host service alone (its QEMUs, etcd and watchdog live on)."""
+        state = self.state()
+        node = state.nodes[self.node(name).name]
+        pid = node.pids.get("service")
+        if pid is None or not net.pid_alive(pid):
+            raise InvalidInput(f"lab host {name} has no running service")
+        if net.kill_pids([pid]):
+            raise Failed(f"lab host {name}: service {pid} survived SIGKILL")
+        del node.pids["service"]
+        state.save(self.dir)
+        return pid
+
+    def start_service(self, name: str) -> None:
+        """Start the host service again after ``crash_service``."""
+        state = self.state()
+        node = state.nodes[self.node(name).name]
+        if node.pids.get("service") and net.pid_alive(node.pids["service"]):
+            raise InvalidInput(f"lab host {name}: the service runs already")
+        self._start_service(state, node)
         state.save(self.dir)
 
     def isolate(self, name: str) -> None:

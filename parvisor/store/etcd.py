@@ -46,12 +46,16 @@ class Keys:
     def checkpoints(self, vm: str) -> str: return f"{self.prefix}ckpt/{vm}/"
     def checkpoint_current(self, vm: str) -> str: return f"{self.prefix}ckptcur/{vm}"
     def checkpoint_seq(self, vm: str) -> str: return f"{self.prefix}ckptseq/{vm}"
+    def migration(self, uuid: str) -> str: return f"{self.prefix}migration/{uuid}"
 
     @property
     def event_seq(self) -> str: return f"{self.prefix}eventseq"
 
     @property
     def manager(self) -> str: return f"{self.prefix}manager"
+
+    @property
+    def cpu_baseline(self) -> str: return f"{self.prefix}cpubaseline"
 
     def under(self, kind: str) -> str:
         return f"{self.prefix}{kind}/"
@@ -105,6 +109,15 @@ class EtcdStore:
     def list_vms(self) -> list[VmRecord]:
         items, _ = self.kv.get_prefix(self.keys.under("vm"))
         return sorted((_record(item) for item in items), key=lambda r: r.name)
+
+    def definition_txn_parts(self, definition: VmDefinition, record: VmRecord
+                             ) -> tuple[list[dict], list[dict]]:
+        """Compare + put that replace a definition (same name) inside a caller's txn,
+        e.g. the live-migration switch that also moves the owner record."""
+        key = self.keys.vm(definition.uuid)
+        return ([cmp_mod(key, record.generation)],
+                [op_put(key, _doc(definition, record.state, record.state_reason,
+                                  record.desired_state))])
 
     def update_definition(self, definition: VmDefinition, generation: int) -> VmRecord:
         k = self.keys
