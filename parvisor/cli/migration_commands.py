@@ -118,7 +118,8 @@ def _result(record: dict[str, Any]) -> dict[str, Any]:
             "downtime_ms": result.get("downtime_ms"),
             "transferred_bytes": result.get("transferred_bytes"),
             "source": result["source"], "destination": result["destination"],
-            "with_storage": record["options"]["with_storage"]}
+            "with_storage": record["options"]["with_storage"],
+            "encrypted": bool(record.get("tls"))}
 
 
 def _print_result(record: dict[str, Any]) -> None:

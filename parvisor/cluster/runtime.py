@@ -140,7 +140,8 @@ class ClusterRuntime:
         self._watchdog = self._connect_watchdog()
         self.migrations = MigrationCoordinator(
             vms, self.settings.host, migration_address=self.settings.migration_ip(),
-            max_concurrent=self.settings.max_concurrent_migrations)
+            max_concurrent=self.settings.max_concurrent_migrations,
+            tls_wanted=self.settings.migration_tls, tls_dir=self._migration_tls_dir())
         vms.migrations = self.migrations
         local = ServiceLocalHost(vms, asyncio.get_running_loop(), self.dir / "lease",
                                  self._watchdog, self.settings.host,
@@ -158,6 +159,26 @@ class ClusterRuntime:
         return HostRecord(self.settings.host, memory, os.cpu_count() or 1,
                           shared_storage=self.settings.shared_storage is not None,
                           site=self.settings.site, migration=self._migration_facts())
+
+    def _migration_tls_dir(self) -> Path | None:
+        """QEMU's TLS files for migration streams, issued once from the cluster CA
+        (its key must be in the pki dir the first time; later starts reuse them)."""
+        if not self.settings.migration_tls:
+            return None
+        from parvisor.cluster.certs import CertPair
+        from parvisor.migration.tls import QEMU_TLS_FILES, write_tls_dir
+        directory = self.dir / "migration-tls"
+        if all((directory / name).exists() for name in QEMU_TLS_FILES):
+            return directory
+        ca_key = self.settings.ca.with_name("ca.key")
+        if not ca_key.exists():
+            log.error("cluster: migration_tls is on but %s is missing: migrations from "
+                      "and to this host are refused until it is there", ca_key)
+            return None
+        return write_tls_dir(directory, CertPair(self.settings.ca, ca_key),
+                             hosts=(self.settings.migration_ip(),),
+                             name=f"migration-{self.settings.host}",
+                             owner=self.config.qemu_user or None)
 
     def _migration_facts(self) -> dict[str, Any]:
         from parvisor.migration.checks import local_facts

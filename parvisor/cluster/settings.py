@@ -39,6 +39,9 @@ class ClusterSettings:
     # (empty: the address this host uses towards its first etcd endpoint)
     migration_address: str = ""
     max_concurrent_migrations: int = 2      # outgoing, per host; more wait their turn
+    # encrypt migration streams (QEMU TLS, certificates from the cluster CA); off by
+    # default like Hyper-V's, for a dedicated migration network: TLS costs CPU per byte
+    migration_tls: bool = False
 
     @classmethod
     def from_table(cls, table: dict[str, Any], host_name: str, where: str = "") -> "ClusterSettings":

@@ -187,6 +187,7 @@ class Lab:
             name=CLUSTER, host=node.name, endpoints=tuple(self.endpoints(state, node.name)),
             ca=self.pki / "ca.crt", cert=self.pki / f"host-{node.name}.crt",
             key=self.pki / f"host-{node.name}.key", site=node.site, migration_address=node.ip,
+            migration_tls=True,     # the lab runs as a secure cluster should
             shared_storage=self.shared_dir if state.shared else None)
         (sdir / "config.toml").write_text(
             f"host_name = {json.dumps(node.name)}\nstorage_roots = {json.dumps(roots)}\n"

@@ -29,8 +29,8 @@ from typing import Any, Awaitable, Callable
 from parvisor.cluster.env import ClusterUnavailable
 from parvisor.cluster.migration_host import with_disk_paths
 from parvisor.cluster.etcd_kv import cmp_absent, cmp_mod, op_put
-from parvisor.errors import (Busy, InvalidInput, MigrationCancelled, NotFound,
-                             ParvisorError, Refused, StateError)
+from parvisor.errors import (Busy, InvalidInput, MigrationCancelled, MigrationFailed,
+                             NotFound, ParvisorError, Refused, StateError)
 from parvisor.migration import engine
 from parvisor.migration.policy import ConvergencePolicy
 from parvisor.migration.protocol import (CANCELLABLE, LocalFacts, MigrationOptions,
@@ -55,17 +55,17 @@ class MigrationRefused(Refused):
 
 class MigrationCoordinator:
     def __init__(self, vms: Any, host: str, *, migration_address: str,
-                 cpu_baseline: str | None = None, max_concurrent: int = 2,
-                 facts: Callable[[], dict[str, Any]] | None = None) -> None:
+                 max_concurrent: int = 2, tls_wanted: bool = False,
+                 tls_dir: Path | None = None) -> None:
         self.vms = vms                      # ClusterVmManager
         self.store = vms.store
         self.kv = vms.store.kv
         self.keys = vms.store.keys
         self.host = host
         self.migration_address = migration_address
-        self.cpu_baseline = cpu_baseline
         self.max_concurrent = max_concurrent
-        self.facts = facts or (lambda: {})
+        self.tls_wanted = tls_wanted                   # [cluster] migration_tls
+        self.tls_dir = tls_dir                         # its QEMU TLS files (None: missing)
         self.tasks: dict[str, asyncio.Task] = {}       # vm uuid -> the task on it
         self.incoming: dict[str, Any] = {}             # vm uuid -> destination QemuProcess
         self._cancel: set[str] = set()                 # cancel seen for these uuids
@@ -255,6 +255,9 @@ class MigrationCoordinator:
             await self.write(record.to(Phase.CANCELLED, reason="cancelled before start"))
             return
         reasons += await asyncio.to_thread(refusals, self, vm, record)
+        if self.tls_wanted and self.tls_dir is None:
+            reasons.append(f"migration_tls is on but {self.host} has no migration "
+                           "certificates (see its service log)")
         if reasons:
             await self.write(record.to(Phase.FAILED, reason="; ".join(reasons)))
             self.vms.event("migration", f"{vm.name}: migration to {record.destination} "
@@ -264,7 +267,7 @@ class MigrationCoordinator:
         owned = {d.id: d.path for d in vm.definition.disks if d.id in sizes and d.owned}
         preparing = await self.write(record.to(
             Phase.PREPARING, source_was_running=vm.state == VmState.RUNNING,
-            source_disks=sizes, source_owned=owned))
+            source_disks=sizes, source_owned=owned, tls=self.tls_dir is not None))
         if preparing is not None:
             await self._perform(preparing)
 
@@ -296,13 +299,15 @@ class MigrationCoordinator:
         policy = _policy(performing.options)
         progress = _ProgressWriter(self, performing)
         try:
+            tls = _tls_args(self.tls_dir if performing.tls else None, performing.incoming_uri)
             if performing.nbd_uri:
                 nodes = engine.mirrored_nodes(self.store.get_vm_by_uuid(record.vm_uuid).definition)
-                await engine.mirror_disks(process, performing.nbd_uri, nodes, progress.update)
+                await engine.mirror_disks(process, performing.nbd_uri, nodes, progress.update,
+                                          **tls)
             result = await engine.migrate_out(
                 process, performing.incoming_uri, policy, on_progress=progress.update,
                 cancelled=lambda: performing.vm_uuid in self._cancel,
-                mirroring=bool(performing.nbd_uri))
+                mirroring=bool(performing.nbd_uri), **tls)
         except ParvisorError as exc:
             await progress.stop()
             await self._abort_before_switch(progress.record, exc.message,
@@ -428,15 +433,20 @@ class MigrationCoordinator:
             return
         self.incoming[record.vm_uuid] = process
         try:
+            if record.tls and self.tls_dir is None:
+                raise MigrationFailed(f"the source encrypts, but {self.host} has no "
+                                      "migration certificates (migration_tls)")
+            tls_dir = self.tls_dir if record.tls else None
             policy = _policy(record.options)
             port = engine.free_port(self.migration_address)
             uri = await engine.prepare_incoming(process, self.migration_address, port,
-                                                policy=policy)
+                                                policy=policy, tls_creds_dir=tls_dir)
             nbd = None
             if dest_disks:
                 nodes = engine.mirrored_nodes(self.store.get_vm_by_uuid(record.vm_uuid).definition)
                 nbd = await engine.export_disks(process, self.migration_address,
-                                                engine.free_port(self.migration_address), nodes)
+                                                engine.free_port(self.migration_address), nodes,
+                                                tls_creds_dir=tls_dir)
         except ParvisorError as exc:
             await self._dest_abort(record, f"destination {self.host}: {exc.message}")
             return
@@ -538,6 +548,13 @@ class _ProgressWriter:
             self.record = fresh
 
 
+def _tls_args(tls_dir: Path | None, uri: str | None) -> dict[str, Any]:
+    if tls_dir is None:
+        return {}
+    # the destination's certificate names its migration address: check it
+    return {"tls_creds_dir": tls_dir, "tls_hostname": engine.uri_host(uri or "")}
+
+
 def _as_dict(value: Any) -> dict[str, Any]:
     if isinstance(value, dict):
         return value
@@ -547,7 +564,7 @@ def _as_dict(value: Any) -> dict[str, Any]:
 
 def _result_dict(result: Any, record: MigrationRecord) -> dict[str, Any]:
     data = _as_dict(result)
-    data.update(source=record.source, destination=record.destination)
+    data.update(source=record.source, destination=record.destination, encrypted=record.tls)
     return data
 
 

@@ -102,6 +102,7 @@ class MigrationRecord:
     progress: dict[str, Any] = field(default_factory=dict)     # last MigrationProgress
     result: dict[str, Any] = field(default_factory=dict)       # total_time_ms, downtime_ms…
     dest_cleaned: bool = False             # aborted: the destination removed its copy
+    tls: bool = False                      # the stream is encrypted (the source's setting)
     revision: int = 0
 
     # --- (de)serialisation ----------------------------------------------------------
