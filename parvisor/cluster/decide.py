@@ -18,9 +18,9 @@ ownership write is further conditioned on the owner revision (fencing token).
 
 from __future__ import annotations
 
-from parvisor.cluster.model import (AcknowledgeFence, ClusterView, Decision, MarkError,
-                                    OwnerPhase, PlaceVm, Priority, QuarantineHost,
-                                    StopForDrain, VmPhase, VmView)
+from parvisor.cluster.model import (AcknowledgeFence, ClusterView, Decision,
+                                    LiveMigrateVm, MarkError, OwnerPhase, PlaceVm, Priority,
+                                    QuarantineHost, StopForDrain, VmPhase, VmView)
 from parvisor.cluster.placement import Usage, choose_host
 
 
@@ -123,11 +123,18 @@ def _restart(vm: VmView, view: ClusterView) -> Decision | None:
 
 
 def _drain(vm: VmView, view: ClusterView, usage: Usage) -> Decision | None:
-    """Maintenance without live migration: stop on the source, then start elsewhere."""
+    """Maintenance: live-migrate running VMs (``policy.live_drain``); when that is off
+    or failed for this VM, stop it on the source, then start it elsewhere."""
     source = vm.owner.host or ""
     if vm.owner.phase == OwnerPhase.RUN:
-        if choose_host(vm, view, usage, frozenset({source})) is None:
+        if vm.migration == "active":
+            return None     # a live migration is moving it: wait for its outcome
+        destination = choose_host(vm, view, usage, frozenset({source}))
+        if destination is None:
             return None     # nowhere to go: keep it running, the drain waits
+        if (view.policy.live_drain and vm.phase == VmPhase.RUNNING
+                and vm.migration != "failed"):
+            return LiveMigrateVm(vm.uuid, vm.name, source, destination, vm.owner.revision)
         return StopForDrain(vm.uuid, vm.name, source, vm.owner.revision)
     if vm.phase in (VmPhase.STOPPED, VmPhase.ERROR):
         return _place(vm, view, usage, reason="drain", exclude=frozenset({source}))

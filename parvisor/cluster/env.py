@@ -79,6 +79,7 @@ class Snapshot:
     owners: dict[str, Owner]
     statuses: dict[str, VmStatus] = field(default_factory=dict)
     manager: str | None = None
+    migrations: dict[str, tuple[str, str]] = field(default_factory=dict)  # uuid -> (phase, source)
 
 
 class ClusterEnv(Protocol):
@@ -97,6 +98,8 @@ class ClusterEnv(Protocol):
     def change_owner(self, vm_uuid: str, expected_revision: int, host: str,
                      phase: OwnerPhase, require_absent: str | None) -> int | None: ...
     def write_status(self, vm_uuid: str, status: VmStatus) -> bool: ...
+    def request_migration(self, vm_uuid: str, vm_name: str, source: str, destination: str,
+                          owner_revision: int) -> bool: ...   # False: changed meanwhile
 
     # --- this host ------------------------------------------------------------------
     def local_vms(self) -> list[LocalVm]: ...

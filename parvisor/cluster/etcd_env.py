@@ -105,6 +105,25 @@ class EtcdEnv:
                                [op_put(self.keys.status(vm_uuid), body)])
         return ok
 
+    def request_migration(self, vm_uuid: str, vm_name: str, source: str, destination: str,
+                          owner_revision: int) -> bool:
+        """A live migration request (drain): as ``vm migrate`` records it, conditioned
+        on the owner token and on no other migration of the VM being in flight."""
+        import time
+        from parvisor.migration.protocol import MigrationRecord, Phase
+        key = self.keys.migration(vm_uuid)
+        current = self.kv.get(key)
+        if current is not None and json.loads(current.value)["phase"] not in (
+                "completed", "failed", "cancelled"):
+            return False
+        record = MigrationRecord(vm_uuid=vm_uuid, vm_name=vm_name, source=source,
+                                 destination=destination, phase=Phase.REQUESTED,
+                                 owner_revision=owner_revision, requested_at=time.time())
+        guard = cmp_absent(key) if current is None else cmp_mod(key, current.mod_revision)
+        ok, _, _ = self.kv.txn([guard, cmp_mod(self.keys.owner(vm_uuid), owner_revision)],
+                               [op_put(key, record.to_json())])
+        return ok
+
     # --- this host (delegated) --------------------------------------------------------
     def local_vms(self) -> list[LocalVm]:
         return self.local.local_vms()
@@ -149,9 +168,13 @@ def parse_snapshot(keys: Keys, items: list[KeyValue], revision: int,
     vms = {uuid: _cluster_vm(uuid, kv, by_kind.get("hapolicy", {}).get(uuid), shared_storage)
            for uuid, kv in by_kind.get("vm", {}).items()}
     manager = by_kind.get("manager", {}).get("")
+    migrations = {}
+    for uuid, kv in by_kind.get("migration", {}).items():
+        doc = json.loads(kv.value)
+        migrations[uuid] = (doc["phase"], doc["source"])
     return Snapshot(revision, hosts, frozenset(by_kind.get("members", {})),
                     frozenset(by_kind.get("maint", {})), vms, owners, statuses,
-                    manager.value.decode() if manager else None)
+                    manager.value.decode() if manager else None, migrations)
 
 
 def _cluster_vm(uuid: str, kv: KeyValue, policy: KeyValue | None,

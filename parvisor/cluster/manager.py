@@ -16,9 +16,9 @@ from typing import Callable
 from parvisor.cluster.decide import decide
 from parvisor.cluster.env import ClusterEnv, ClusterUnavailable, Snapshot, VmStatus
 from parvisor.cluster.model import (AcknowledgeFence, ClusterPolicy, ClusterView,
-                                    Decision, HostView, ManagerMemory, MarkError, Owner,
-                                    OwnerPhase, PlaceVm, QuarantineHost, StopForDrain,
-                                    VmPhase, VmView)
+                                    Decision, HostView, LiveMigrateVm, ManagerMemory,
+                                    MarkError, Owner, OwnerPhase, PlaceVm, QuarantineHost,
+                                    StopForDrain, VmPhase, VmView)
 
 DecideFn = Callable[[ClusterView], list[Decision]]
 
@@ -78,6 +78,12 @@ class Manager:
                                      decision.host, OwnerPhase.STOP, None) is None:
                 self.env.log(f"{self.env.host} manager: rejected (stale token): {decision.describe()}")
                 return
+        elif isinstance(decision, LiveMigrateVm):
+            if not self.env.request_migration(decision.vm, decision.vm_name, decision.source,
+                                              decision.destination, decision.expected_revision):
+                self.env.log(f"{self.env.host} manager: not requested (changed meanwhile): "
+                             f"{decision.describe()}")
+                return
         elif isinstance(decision, MarkError):
             status = VmStatus(VmPhase.ERROR, self._owner_revision(decision.vm),
                               decision.reason, decision.retryable)
@@ -135,4 +141,15 @@ def _vm_view(snapshot: Snapshot, memory: ManagerMemory, uuid: str) -> VmView:
         preferred_hosts=vm.preferred_hosts, on_shared_storage=vm.on_shared_storage,
         error_reason=reason, retryable_error=retryable,
         restart_times=tuple(memory.restart_times.get(uuid, ())),
-        failover_times=tuple(memory.failover_times.get(uuid, ())))
+        failover_times=tuple(memory.failover_times.get(uuid, ())),
+        migration=_migration_state(snapshot.migrations.get(uuid), owner))
+
+
+def _migration_state(brief: tuple[str, str] | None, owner: Owner) -> str:
+    """(phase, source) of the VM's last migration record -> VmView.migration."""
+    if brief is None:
+        return ""
+    phase, source = brief
+    if phase in ("failed", "cancelled"):
+        return "failed" if source == owner.host else ""
+    return "done" if phase == "completed" else "active"

@@ -67,6 +67,9 @@ class ClusterPolicy:
     limit_window_s: float = 3600.0
     quarantine_after: int = 3        # lease losses per window (Hyper-V 2016: 3 per hour)
     quarantine_s: float = 7200.0     # Hyper-V default quarantine: 2 hours
+    # drain running VMs by live migration (the real cluster); False: stop, then start
+    # elsewhere (the simulator, whose hosts run no QEMU to migrate)
+    live_drain: bool = False
 
 
 @dataclass(frozen=True)
@@ -109,6 +112,9 @@ class VmView:
     retryable_error: bool = False    # e.g. "no capacity": try again when it frees up
     restart_times: tuple[float, ...] = ()    # manager clock
     failover_times: tuple[float, ...] = ()   # manager clock
+    # the VM's last live migration: "" none, "active" in flight, "failed" (or cancelled)
+    # from its current owner, "done"
+    migration: str = ""
 
 
 @dataclass(frozen=True)
@@ -170,6 +176,22 @@ class StopForDrain:
 
 
 @dataclass(frozen=True)
+class LiveMigrateVm:
+    """Drain by live migration: record a migration request (the owner hosts carry it
+    out through the migration protocol; the guest keeps running)."""
+
+    vm: str
+    vm_name: str
+    source: str
+    destination: str
+    expected_revision: int
+
+    def describe(self) -> str:
+        return (f"live-migrate {self.vm_name} {self.source} -> {self.destination} for "
+                f"drain (token r{self.expected_revision})")
+
+
+@dataclass(frozen=True)
 class MarkError:
     vm: str
     vm_name: str
@@ -181,7 +203,8 @@ class MarkError:
         return f"{kind}: {self.vm_name}: {self.reason}"
 
 
-Decision = AcknowledgeFence | QuarantineHost | PlaceVm | StopForDrain | MarkError
+Decision = (AcknowledgeFence | QuarantineHost | PlaceVm | StopForDrain | LiveMigrateVm
+            | MarkError)
 
 
 @dataclass

@@ -67,7 +67,7 @@ def policy_of(settings: ClusterSettings) -> ClusterPolicy:
     return ClusterPolicy(lease_ttl_s=settings.lease_ttl_s,
                          keepalive_interval_s=settings.keepalive_interval_s,
                          fence_margin_s=settings.fence_margin_s,
-                         recovery_grace_s=settings.recovery_grace_s)
+                         recovery_grace_s=settings.recovery_grace_s, live_drain=True)
 
 
 class ClusterRuntime:
@@ -324,8 +324,9 @@ class ClusterRuntime:
                 for item in items}
 
     def set_maintenance(self, host: str, on: bool) -> dict[str, Any]:
-        """``host drain``: no new placements, VMs stopped and started elsewhere (no live
-        migration yet). ``host resume`` ends it (VMs do not move back by themselves)."""
+        """``host drain``: no new placements; running VMs live-migrate to other hosts
+        (stopped and started elsewhere when that fails or they are not running).
+        ``host resume`` ends it (VMs do not move back by themselves)."""
         from parvisor.cluster.etcd_kv import op_delete, op_put
         from parvisor.errors import NotFound
         keys = self.store.keys
@@ -334,5 +335,6 @@ class ClusterRuntime:
         op = op_put(keys.maintenance(host), "drain") if on else op_delete(keys.maintenance(host))
         self.store.kv.txn([], [op])
         return {"host": host, "maintenance": on,
-                "note": ("VMs are shut down and started on other hosts (no live migration "
-                         "yet)" if on else "new placements allowed again")}
+                "note": ("running VMs live-migrate to other hosts (a VM whose live "
+                         "migration fails is shut down and started elsewhere)" if on
+                         else "new placements allowed again")}

@@ -240,3 +240,27 @@ def test_a_service_killed_mid_stream_resolves_to_one_copy(lab, crashed):
     assert (shown["host"], shown["state"]) == (host, "running")
     holds_for(lambda: only_on(lab, vm_uuid, host), 3.0, "exactly one copy")
     lab.on(host, "vm", "turn-off", name)
+
+
+# --- host drain ------------------------------------------------------------------------------
+def test_host_drain_live_migrates_running_vms(lab):
+    vm_uuid = start_vm(lab, "mv5", "h1")
+    uptime = run(guest_uptime(agent_on(lab, "h1", vm_uuid)))
+    lab.on("h2", "host", "drain", "h1")
+    try:
+        # the manager requests the migration; watch its record, not the processes
+        # (during a migration the paused incoming copy is a second QEMU by design)
+        lab.wait(lambda: _phase(lab, "mv5") == "completed", 90, "the drain's migration")
+        lab.wait(lambda: only_on(lab, vm_uuid, "h2"), 20, "mv5 only on h2")
+        lab.wait(lambda: agent_answers(lab, "h2", vm_uuid), 30, "mv5's guest on h2")
+        assert run(guest_uptime(agent_on(lab, "h2", vm_uuid))) >= uptime, "it rebooted"
+    finally:
+        lab.on("h2", "host", "resume", "h1")
+    lab.on("h2", "vm", "turn-off", "mv5")
+
+
+def _phase(lab: LabUnderTest, name: str) -> str | None:
+    try:
+        return record_of(lab, "h2", name)["phase"]
+    except AssertionError:
+        return None

@@ -114,6 +114,22 @@ def test_drain_stops_first_then_places_elsewhere():
     assert decide(view(hosts, [stopped])) == [PlaceVm("u-a", "a", "h2", "h1", 10, "drain")]
 
 
+def test_live_drain_migrates_running_vms_and_falls_back_to_stop_when_it_failed():
+    from dataclasses import replace
+    from parvisor.cluster.model import LiveMigrateVm
+    hosts = [host("h1", maintenance=True), host("h2")]
+    live = replace(view(hosts, [vm("a", "h1")]), policy=ClusterPolicy(live_drain=True))
+    assert decide(live) == [LiveMigrateVm("u-a", "a", "h1", "h2", 10)]
+    moving = replace(live, vms=(vm("a", "h1", migration="active"),))
+    assert decide(moving) == []                       # wait for the migration's outcome
+    failed = replace(live, vms=(vm("a", "h1", migration="failed"),))
+    assert decide(failed) == [StopForDrain("u-a", "a", "h1", 10)]   # quick fallback
+    paused = replace(live, vms=(vm("a", "h1", phase=VmPhase.PENDING),))
+    assert decide(paused) == [StopForDrain("u-a", "a", "h1", 10)]
+    nowhere = replace(live, hosts=(host("h1", maintenance=True),))
+    assert decide(nowhere) == []                      # keeps running: the drain waits
+
+
 def test_quarantine_after_three_dropouts_and_no_placement_there():
     hosts = [host("h1", dropout_times=(10.0, 40.0, 70.0))]
     assert decide(view(hosts, [])) == [QuarantineHost("h1", 100.0 + 7200.0, 3)]
