@@ -31,7 +31,8 @@ QEMU_OVERHEAD_BYTES = 64 << 20       # per VM, beyond guest RAM (TCG code cache,
 
 class MigrationHostActions:
     # --- destination --------------------------------------------------------------------
-    async def launch_incoming(self, vm_uuid: str, source_disks: dict[str, int] | None
+    async def launch_incoming(self, vm_uuid: str, source_disks: dict[str, int] | None,
+                              machine_version: str | None = None
                               ) -> tuple[QemuProcess, dict[str, str]]:
         """QEMU waiting for the stream (``-S -incoming defer``), taps plugged; with
         ``source_disks`` (shared-nothing) new empty images of the same sizes first."""
@@ -42,7 +43,8 @@ class MigrationHostActions:
         here = dataclasses.replace(record, definition=definition)
         try:
             await self._plug_nics(here)
-            process = await QemuProcess.launch(self._launch_spec(definition, incoming=True))
+            process = await QemuProcess.launch(self._launch_spec(
+                definition, incoming=True, machine_version=machine_version))
         except BaseException:
             await self._unplug_nics(here)
             remove_files(dest_disks)

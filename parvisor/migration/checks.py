@@ -53,6 +53,12 @@ def refusals(coordinator: Any, vm: Any, record: Any) -> list[str]:
         disk_paths=_disk_files(vm.definition, vms.config.storage_roots))
 
 
+def source_machine_type(coordinator: Any, vm: Any) -> str | None:
+    """The versioned machine type the VM runs with here (from this host's facts)."""
+    from parvisor.migration.compat import migration_machine_type
+    return migration_machine_type(vm.definition, host_facts(coordinator, coordinator.host))
+
+
 def running_cpu_model(runtime: Any) -> str | None:
     """The ``-cpu`` model the running QEMU was started with, when it is a named
     baseline (``host``/``max`` pass the host CPU through: None)."""

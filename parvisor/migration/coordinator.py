@@ -244,7 +244,7 @@ class MigrationCoordinator:
 
     # --- source steps -------------------------------------------------------------------
     async def _check_and_prepare(self, record: MigrationRecord) -> None:
-        from parvisor.migration.checks import refusals
+        from parvisor.migration.checks import refusals, source_machine_type
         self._cancel.discard(record.vm_uuid)
         self._errors.pop(record.vm_uuid, None)
         vm = self.store.get_vm_by_uuid(record.vm_uuid)
@@ -265,9 +265,11 @@ class MigrationCoordinator:
             return
         sizes = await asyncio.to_thread(self._disk_sizes, vm) if record.options.with_storage else {}
         owned = {d.id: d.path for d in vm.definition.disks if d.id in sizes and d.owned}
+        machine = await asyncio.to_thread(source_machine_type, self, vm)
         preparing = await self.write(record.to(
             Phase.PREPARING, source_was_running=vm.state == VmState.RUNNING,
-            source_disks=sizes, source_owned=owned, tls=self.tls_dir is not None))
+            source_disks=sizes, source_owned=owned, tls=self.tls_dir is not None,
+            machine_type=machine))
         if preparing is not None:
             await self._perform(preparing)
 
@@ -426,7 +428,8 @@ class MigrationCoordinator:
     async def _prepare_incoming(self, record: MigrationRecord) -> None:
         try:
             process, dest_disks = await self.vms.launch_incoming(
-                record.vm_uuid, record.source_disks if record.options.with_storage else None)
+                record.vm_uuid, record.source_disks if record.options.with_storage else None,
+                record.machine_type)
         except ParvisorError as exc:
             await self._dest_abort(record, f"destination {self.host} cannot start the VM: "
                                    f"{exc.message}")

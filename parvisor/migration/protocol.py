@@ -103,6 +103,7 @@ class MigrationRecord:
     result: dict[str, Any] = field(default_factory=dict)       # total_time_ms, downtime_ms…
     dest_cleaned: bool = False             # aborted: the destination removed its copy
     tls: bool = False                      # the stream is encrypted (the source's setting)
+    machine_type: str | None = None        # the source's versioned machine type
     revision: int = 0
 
     # --- (de)serialisation ----------------------------------------------------------

@@ -56,6 +56,7 @@ class LaunchSpec:
     # cluster CPU baseline (processor compatibility mode): a named QEMU CPU model every
     # host runs, so the VM can move between hosts with different CPUs; None: host/max
     cpu_baseline: str | None = None
+    machine_version: str | None = None      # versioned machine type (migration target)
 
 
 # --- names shared with other layers -------------------------------------------------------
@@ -117,7 +118,12 @@ def base_args(spec: LaunchSpec) -> list[str]:
 def machine_args(spec: LaunchSpec) -> list[str]:
     # Machine options and CPU model depend on generation / OS: see parvisor.vm.firmware.
     d = spec.definition
-    return ["-machine", machine_type(d), "-accel", spec.accelerator,
+    machine = machine_type(d)
+    if spec.machine_version:
+        # an incoming migration runs exactly the source's versioned type (pc-q35-7.2):
+        # the alias q35 may mean a newer, incompatible one on this host
+        machine = ",".join((spec.machine_version, *machine.split(",")[1:]))
+    return ["-machine", machine, "-accel", spec.accelerator,
             "-cpu", cpu_model(d, spec.accelerator, spec.cpu_baseline)]
 
 

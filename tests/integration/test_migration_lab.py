@@ -140,6 +140,8 @@ def test_busy_guest_migrates_back_and_forth_without_noticing(lab):
         assert (result["source"], result["destination"]) == (here, there)
         assert result["downtime_ms"] > 0 and result["transferred_bytes"] > 0
         assert result["encrypted"], "the lab runs with migration_tls = true"
+        # the destination ran the source's versioned machine type, not its own alias
+        assert (record_of(lab, there, "mv1")["machine_type"] or "").startswith("pc-q35-")
         assert result["total_time_ms"] >= result["downtime_ms"]
         lab.wait(lambda: only_on(lab, vm_uuid, there), 20, f"one QEMU, on {there}")
         guest = agent_on(lab, there, vm_uuid)

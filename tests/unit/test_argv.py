@@ -267,3 +267,13 @@ def test_virtio_mem_region_is_whole_blocks_and_absent_without_headroom() -> None
 def test_windows_guests_default_to_dimm_slots() -> None:
     assert definition(os_type="windows").memory_hotplug == "dimm"
     assert definition().memory_hotplug == "virtio-mem"
+
+
+def test_an_incoming_migration_runs_the_sources_versioned_machine_type():
+    from parvisor.vm.argv import machine_args
+    plain = machine_args(spec(definition()))
+    pinned = machine_args(spec(definition(), machine_version="pc-q35-7.2"))
+    assert plain[plain.index("-machine") + 1].split(",")[0] == "q35"
+    # the version replaces the alias; the machine's options stay
+    assert pinned[pinned.index("-machine") + 1] == ",".join(
+        ["pc-q35-7.2", *plain[plain.index("-machine") + 1].split(",")[1:]])
