@@ -99,6 +99,8 @@ class MigrationCoordinator:
         record = self.store.get_vm(name)
         owner, owner_rev = self.vms._cluster_doc("owner", record.uuid)
         source = owner["host"] if owner else None
+        if record.state == VmState.OFF:
+            return self._move_stopped(record, source, destination, options)
         self._check_request(record, source, destination, options)
         previous = self.read(record.uuid)
         if previous is not None and not previous.terminal:
@@ -118,6 +120,41 @@ class MigrationCoordinator:
                        "(another migration or a move); try again", vm=name)
         self.vms.event("migration", f"{name}: migration to {destination} requested", record)
         return replace(new, revision=revision).public()
+
+    def _move_stopped(self, record: Any, source: str | None, destination: str,
+                      options: MigrationOptions) -> dict[str, Any]:
+        """A VM that is off moves as its definition: the destination becomes its first
+        preferred host, so the cluster starts it there (disks on shared storage)."""
+        name = record.name
+        if self.kv.get(self.keys.host(destination)) is None:
+            raise NotFound(f"no cluster host named {destination!r}", host=destination)
+        if options.with_storage:
+            raise MigrationRefused(f"VM '{name}' is off: --with-storage moves disks of "
+                                   "running VMs only; start it first (or copy its disks)")
+        if not self.vms.on_shared_storage(record):
+            raise MigrationRefused(f"VM '{name}' has disks outside the cluster's shared "
+                                   "storage; start it and migrate with --with-storage")
+        previous = self.read(record.uuid)
+        if previous is not None and not previous.terminal:
+            raise Busy(f"VM '{name}' is already migrating", vm=name)
+        hosts = (destination, *(h for h in record.definition.preferred_hosts
+                                if h != destination))
+        self.store.update_definition(
+            record.definition.model_copy(update={"preferred_hosts": hosts}),
+            record.generation)
+        done = MigrationRecord(
+            vm_uuid=record.uuid, vm_name=name, source=source or "", destination=destination,
+            phase=Phase.COMPLETED, owner_revision=0, options=options,
+            requested_at=time.time(), source_was_running=False,
+            result={"total_time_ms": 0, "downtime_ms": 0, "transferred_bytes": 0,
+                    "source": source or "", "destination": destination,
+                    "note": "VM is off: it starts on the destination next time"})
+        guard = (cmp_absent(self.key(record.uuid)) if previous is None
+                 else cmp_mod(self.key(record.uuid), previous.revision))
+        self.kv.txn([guard], [op_put(self.key(record.uuid), done.to_json())])
+        self.vms.event("migration", f"{name}: moved to {destination} (off: it starts "
+                       "there next time)", record)
+        return self.read(record.uuid).public()
 
     def _check_request(self, record: Any, source: str | None, destination: str,
                        options: MigrationOptions) -> None:

@@ -168,9 +168,13 @@ def test_bad_requests_are_refused_and_change_nothing(lab):
                           (["--to", "bad host!"], "host name")):
         done = migrate(lab, "h2", "mv2", *args, check=False)
         assert done.returncode != 0 and message in done.stdout + done.stderr, done
-    lab.on("h1", "vm", "create", "mv2off", "--image", "tiny", "--memory", "64M")
-    done = migrate(lab, "h1", "mv2off", "--to", "h2", check=False)
-    assert done.returncode != 0 and "cannot migrate" in done.stdout + done.stderr
+    # a VM that is off moves as its definition: it starts on the destination next time
+    lab.on("h1", "vm", "create", "mv2off", "--image", "tiny", "--memory", "64M",
+           "--preferred-hosts", "h1")
+    moved = json.loads(migrate(lab, "h1", "mv2off", "--to", "h2", "--json").stdout)
+    assert moved["phase"] == "completed" and moved["downtime_ms"] == 0
+    shown = json.loads(lab.on("h1", "vm", "show", "mv2off", "--json").stdout)
+    assert shown["preferred_hosts"][0] == "h2"
     # a CPU baseline no host can run is refused when it is set
     done = lab.on("h1", "cluster", "cpu-baseline", "Skylake-Server", check=False)
     assert done.returncode != 0 and "cannot run on" in done.stdout + done.stderr
@@ -266,3 +270,16 @@ def _phase(lab: LabUnderTest, name: str) -> str | None:
         return record_of(lab, "h2", name)["phase"]
     except AssertionError:
         return None
+
+
+def test_a_paused_vm_moves_paused(lab):
+    vm_uuid = start_vm(lab, "mv6", "h1")
+    lab.on("h1", "vm", "pause", "mv6")
+    result = json.loads(migrate(lab, "h2", "mv6", "--to", "h2", "--json").stdout)
+    assert result["phase"] == "completed", result
+    lab.wait(lambda: only_on(lab, vm_uuid, "h2"), 20, "mv6's QEMU on h2 only")
+    shown = json.loads(lab.on("h1", "vm", "show", "mv6", "--json").stdout)
+    assert (shown["host"], shown["state"]) == ("h2", "paused")
+    lab.on("h2", "vm", "resume", "mv6")
+    lab.wait(lambda: agent_answers(lab, "h2", vm_uuid), 30, "mv6's guest after resume")
+    lab.on("h2", "vm", "turn-off", "mv6")
