@@ -21,7 +21,7 @@ from typing import Any
 from parvisor.cluster.etcd_kv import cmp_mod, op_delete
 from parvisor.cluster.local_host import reset_for_takeover
 from parvisor.cluster.migration_host import MigrationHostActions
-from parvisor.errors import StateError
+from parvisor.errors import Busy, StateError
 from parvisor.model.states import VmState
 from parvisor.model.vm import VmStatus
 from parvisor.ops.vms import VmManager
@@ -117,6 +117,15 @@ class ClusterVmManager(MigrationHostActions, VmManager):
             self._want_off(name)
             return await super().turn_off(name)
         return self._request_stop(name)
+
+    async def delete(self, name: str, force: bool = False) -> dict[str, Any]:
+        record = self.store.get_vm(name)
+        migration = self.migrations.read(record.uuid) if self.migrations else None
+        if migration is not None and not migration.terminal:
+            raise Busy(f"VM '{name}' is migrating ({migration.source} -> "
+                       f"{migration.destination}, {migration.phase}); cancel it first",
+                       vm=name)
+        return await super().delete(name, force)
 
     def _want_off(self, name: str) -> None:
         """Record the wish first: while QEMU goes down, this host's agent must see a VM

@@ -166,6 +166,10 @@ class MigrationCoordinator:
                              vm=name)
         if source == destination:
             raise InvalidInput(f"VM '{name}' already runs on {destination}", vm=name)
+        runtime = self.vms.runtimes.get(record.uuid)
+        if runtime is not None and runtime.lock.locked():   # asked on the owner host
+            raise Busy(f"VM '{name}' is busy: {runtime.operation} in progress", vm=name,
+                       operation=runtime.operation)
         if self.kv.get(self.keys.member(destination)) is None:
             raise MigrationRefused(f"host {destination} is not a live cluster member",
                                    host=destination)

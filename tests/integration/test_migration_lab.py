@@ -184,6 +184,8 @@ def test_bad_requests_are_refused_and_change_nothing(lab):
         lab.wait(lambda: streaming(lab, "h1", "mv2"), 40, "the first migration to stream")
         done = migrate(lab, "h2", "mv2", "--to", "h2", check=False)
         assert done.returncode != 0 and "already migrating" in done.stdout + done.stderr
+        done = lab.on("h2", "vm", "delete", "mv2", "--force", check=False)
+        assert done.returncode != 0 and "is migrating" in done.stdout + done.stderr
         lab.on("h2", "vm", "migrate", "mv2", "--cancel")
         result = finished(first)
     finally:
