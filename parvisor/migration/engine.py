@@ -578,6 +578,7 @@ async def migrate_out(process: QemuProcess, uri: str, policy: ConvergencePolicy,
         # our own task was cancelled (service shutting down): leave no migration behind
         await asyncio.shield(_restore_source(process, was_running, mirroring))
         raise
+    final = await _settle_postmigrate(process, final)
     result = MigrationResult(
         total_time_ms=int(final.elapsed_s * 1000), downtime_ms=int(final.downtime_ms or 0),
         transferred_bytes=final.ram_transferred, setup_time_ms=final.setup_time_ms,
@@ -585,6 +586,30 @@ async def migrate_out(process: QemuProcess, uri: str, policy: ConvergencePolicy,
         auto_converge=state.auto_converge, postcopy=state.postcopy_started)
     log.info("migration: source pid %d done: %s", process.pid, result)
     return result
+
+
+async def _settle_postmigrate(process: QemuProcess, final: MigrationSample,
+                              timeout: float = 5.0) -> MigrationSample:
+    """QEMU reports ``completed`` a moment before its run state leaves
+    ``finish-migrate`` and before it fills in total-time and downtime: return only once
+    the source is settled in ``postmigrate``, with the final numbers."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    try:
+        while True:
+            settled = (await process.query_status()).status != "finish-migrate"
+            if settled and final.downtime_ms is not None and final.elapsed_s > 0:
+                return final
+            if loop.time() >= deadline:
+                log.warning("migration: source pid %d not settled after completion",
+                            process.pid)
+                return final
+            await asyncio.sleep(0.005)
+            final = MigrationSample.from_reply(await _execute(process, "query-migrate"))
+    except VmError as exc:
+        log.warning("migration: source pid %d after completion: %s", process.pid,
+                    exc.message)
+        return final
 
 
 async def _configure_source(process: QemuProcess, policy: ConvergencePolicy,

@@ -137,6 +137,12 @@ async def guest_uptime(agent: GuestAgent) -> float:
 
 async def timestamp_gaps(agent: GuestAgent) -> list[tuple[int, float]]:
     """(counter, gap in ms before that line) for every line of /tmp/ts."""
+    rows = await timestamp_log(agent)
+    return [(c2, (t2 - t1) * 1000) for (_, t1), (c2, t2) in zip(rows, rows[1:])]
+
+
+async def timestamp_log(agent: GuestAgent) -> list[tuple[int, float]]:
+    """(counter, guest uptime in s) for every complete line of /tmp/ts."""
     out = await sh(agent, "cat /tmp/ts", timeout=60)
     rows: list[tuple[int, float]] = []
     for line in out.splitlines():
@@ -146,7 +152,7 @@ async def timestamp_gaps(agent: GuestAgent) -> list[tuple[int, float]]:
                 rows.append((int(parts[0]), float(parts[1])))
             except ValueError:
                 continue    # a line cut short by a concurrent write
-    return [(c2, (t2 - t1) * 1000) for (_, t1), (c2, t2) in zip(rows, rows[1:])]
+    return rows
 
 
 class TcpRelay:

@@ -1,11 +1,14 @@
 """Live migration engine against real QEMU (TCG): two QEMUs of one tiny guest on this
 host, migrating over 127.0.0.1.
 
-Guest clocks under TCG: the guest's TSC follows QEMU's virtual clock, which stops while
-the VM is stopped, so a gap the guest sees in its own timestamps does not include the
-stop-and-copy pause; it shows how long the guest did not run *as far as it can tell*
-(vCPU starvation, the switch itself). The host-side pause (source STOP event to the
-destination running) is measured separately and printed.
+What the guest sees at the switch, under TCG: its clock (TSC on QEMU's virtual clock)
+does not advance while the VM is stopped, so the stop-and-copy pause itself is not in
+its timestamps. Yet its 10 ms loop (30-40 ms in practice: one vCPU shared with the
+rewrite loop) shows a gap of 130-310 ms around the switch, against QEMU-reported
+downtimes of 15-80 ms and 25-95 ms from the source's STOP event to the destination
+running (host clock). Most likely the destination's TCG starting with an empty
+translation cache: every guest code path is translated again right after ``cont``.
+KVM has no such cost. GAP_TOLERANCE_MS states the allowance.
 
 Every QEMU is stopped by PID in ``finally`` (``QemuSet.close``).
 """
@@ -32,18 +35,18 @@ from parvisor.migration.tls import write_tls_dir
 from parvisor.storage.qemu_img import create_image, inspect_image
 from parvisor.testing.guest_fixtures import qemu_available, short_state_dir, wait_until
 from parvisor.testing.migration_fixtures import (QemuSet, TcpRelay, counter, guest_uptime, sh,
-                                                 start_workload, timestamp_gaps,
+                                                 start_workload, timestamp_log,
                                                  tiny_definition)
 
 pytestmark = [pytest.mark.qemu,
               pytest.mark.skipif(not qemu_available(), reason="qemu-system-x86_64 missing")]
 
 HOST = "127.0.0.1"
-# Largest gap the guest may see in its 10 ms timestamp log around the switch, on top of
-# QEMU's reported downtime. Measured on the 2-core TCG box: guest-visible gaps stay
-# below ~150 ms (TCG vCPU starvation while two QEMUs and the workload share 2 cores);
-# the limit leaves room for a loaded CI machine.
-GAP_TOLERANCE_MS = 400.0
+# Largest gap the guest may see in its timestamp log at the switch, on top of QEMU's
+# reported downtime (see the module docstring): measured up to 310 ms on the 2-core TCG
+# box under load; the allowance leaves room for a busier CI machine.
+GAP_TOLERANCE_MS = 600.0
+SWITCH_WINDOW_S = 0.15
 
 
 @pytest.fixture
@@ -64,6 +67,7 @@ async def test_migrates_a_busy_guest_and_it_keeps_running(tiny_image, qemus: Qem
     count_before = await counter(agent)
 
     dest = await qemus.incoming(definition)
+    start_uptime = await guest_uptime(agent)
     policy = ConvergencePolicy()
     uri = await prepare_incoming(dest, HOST, free_port(HOST), policy=policy)
     progress: list[MigrationProgress] = []
@@ -74,12 +78,15 @@ async def test_migrates_a_busy_guest_and_it_keeps_running(tiny_image, qemus: Qem
     assert (await source.query_status()).status == "postmigrate"
     await resume_incoming(dest)
     resumed_at = time.monotonic()
+    dest_agent = type(agent)(dest.paths.qga_socket)
+    asked = time.monotonic()
+    uptime_after = await guest_uptime(dest_agent)
+    # the guest's uptime at the moment it was resumed (its clock ran since then)
+    switch_uptime = uptime_after - ((asked + time.monotonic()) / 2 - resumed_at)
     await source.quit()
     await source.wait_exited()
 
-    dest_agent = type(agent)(dest.paths.qga_socket)
     assert (await dest.query_status()).running
-    uptime_after = await guest_uptime(dest_agent)
     count_after = await counter(dest_agent)
     assert uptime_after >= uptime_before, "the guest rebooted"
     assert count_after > count_before
@@ -92,15 +99,21 @@ async def test_migrates_a_busy_guest_and_it_keeps_running(tiny_image, qemus: Qem
     assert progress and progress[-1].status == "completed"
     assert any(p.ram_total > 0 for p in progress)
 
-    gaps = await timestamp_gaps(dest_agent)
-    around = [gap for count, gap in gaps if count_before <= count <= count_after + 50]
-    largest = max(around)
+    rows = await timestamp_log(dest_agent)
+    gaps = [(t1, t2, (t2 - t1) * 1000) for (_, t1), (_, t2) in zip(rows, rows[1:])]
+    # the gaps whose interval touches the switch (+- SWITCH_WINDOW_S for the agent's
+    # round trip, which dates the switch in guest time)
+    at_switch = max(gap for t1, t2, gap in gaps if t2 >= switch_uptime - SWITCH_WINDOW_S
+                    and t1 <= switch_uptime + SWITCH_WINDOW_S)
+    during = max(gap for t1, t2, gap in gaps if t2 >= start_uptime)
+    quiet = max(gap for t1, t2, gap in gaps if t2 < start_uptime)   # same guest, no move
     host_pause_ms = (resumed_at - stopped_at[0]) * 1000 if stopped_at else float("nan")
     print(f"migration: total {result.total_time_ms} ms, downtime {result.downtime_ms} ms"
           f" (limit {result.downtime_limit_ms} ms), passes {result.passes},"
-          f" transferred {result.transferred_bytes >> 20} MiB; largest guest gap"
-          f" {largest:.1f} ms; host-side pause incl. resume {host_pause_ms:.1f} ms")
-    assert largest <= result.downtime_ms + GAP_TOLERANCE_MS
+          f" transferred {result.transferred_bytes >> 20} MiB; guest-visible gap at the"
+          f" switch {at_switch:.0f} ms, largest while migrating {during:.0f} ms, before"
+          f" {quiet:.0f} ms; host-side pause incl. resume {host_pause_ms:.1f} ms")
+    assert at_switch <= result.downtime_ms + GAP_TOLERANCE_MS
 
 
 async def _greater(value, than: int) -> bool:
