@@ -25,8 +25,9 @@ writes, non-zero) is copied to an empty qcow2 of the same size on the destinatio
 
 - **parvisor**: ``export_disks`` on an incoming QEMU + ``mirror_disks`` on the running
   source until the mirror is ready (then the copy is thrown away).
-- **baseline**: ``qemu-img convert -n -U`` of the same image into ``qemu-nbd`` serving
-  an empty qcow2, over the same loopback link.
+- **baseline**: ``qemu-img convert -n -U -T none`` of the same image (read with
+  O_DIRECT like the VM's disk, not from the host page cache) into ``qemu-nbd`` serving
+  an empty qcow2 (``--cache=none --aio=native``), over the same loopback link.
 
 MiB/s of the disk's virtual size, medians, parvisor/baseline ratio.
 
@@ -210,8 +211,9 @@ def convert_once(source_image: Path, work: Path, index: int) -> float:
                 raise RuntimeError(f"qemu-nbd did not start: {nbd.stderr.read().decode()}")
             time.sleep(0.05)
         start = time.monotonic()
-        subprocess.run(["qemu-img", "convert", "-n", "-U", "-f", "qcow2", "-O", "raw",
-                        str(source_image), f"nbd://{HOST}:{port}/disk"],
+        # -T none: read with O_DIRECT like the VM (cache.direct=on), not from page cache
+        subprocess.run(["qemu-img", "convert", "-n", "-U", "-T", "none", "-f", "qcow2",
+                        "-O", "raw", str(source_image), f"nbd://{HOST}:{port}/disk"],
                        check=True, capture_output=True)
         return time.monotonic() - start
     finally:

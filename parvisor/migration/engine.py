@@ -816,6 +816,7 @@ def _message(exc: BaseException) -> str:
 
 __all__ = [
     "MigrationProgress", "MigrationResult", "free_port", "tcp_uri", "mirrored_nodes",
-    "reset_migration_settings", "prepare_incoming", "export_disks", "stop_export", "resume_incoming", "abort_incoming",
+    "reset_migration_settings", "prepare_incoming", "export_disks", "stop_export",
+    "resume_incoming", "abort_incoming",
     "mirror_disks", "finish_mirror", "cancel_mirror", "migrate_out", "recover_source",
 ]

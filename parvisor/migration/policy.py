@@ -24,7 +24,7 @@ and only finishing can save it).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, Mapping, Union
 
 # A pass counts as progress only when it beats the best of the window by this much;

@@ -15,13 +15,11 @@ Every QEMU is stopped by PID in ``finally`` (``QemuSet.close``).
 
 from __future__ import annotations
 
-import asyncio
 import os
 import secrets
 import signal
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 
