@@ -26,7 +26,7 @@ import pytest
 
 from parvisor.guest.agent import GuestAgent
 from parvisor.testing.lab_fixture import LabUnderTest, PARVISOR
-from parvisor.testing.migration_fixtures import (counter, guest_uptime, start_workload,
+from parvisor.testing.migration_fixtures import (counter, guest_uptime, sh, start_workload,
                                                  timestamp_gaps)
 
 pytestmark = pytest.mark.skipif(shutil.which("etcd") is None or shutil.which("ip") is None,
@@ -285,3 +285,36 @@ def test_a_paused_vm_moves_paused(lab):
     lab.on("h2", "vm", "resume", "mv6")
     lab.wait(lambda: agent_answers(lab, "h2", vm_uuid), 30, "mv6's guest after resume")
     lab.on("h2", "vm", "turn-off", "mv6")
+
+
+# --- shared-nothing --------------------------------------------------------------------------
+def test_shared_nothing_moves_the_disk_with_the_running_vm(lab):
+    lab.on("h1", "vm", "create", "mv7", "--image", "tiny", "--memory", "128M",
+           "--preferred-hosts", "h1", "--disk-size", "32M")
+    vm_uuid = lab.vm_uuid("h1", "mv7")
+    lab.on("h1", "vm", "start", "mv7")
+    lab.wait(lambda: only_on(lab, vm_uuid, "h1"), 40, "mv7 on h1")
+    lab.wait(lambda: agent_answers(lab, "h1", vm_uuid), 60, "mv7's guest agent")
+    source_disk = json.loads(lab.on("h1", "vm", "show", "mv7", "--json").stdout)["disks"][0]
+    guest = agent_on(lab, "h1", vm_uuid)
+    run(sh(guest, "mke2fs -q /dev/vda >/dev/null 2>&1; mkdir -p /mnt/d && "
+                  "mount /dev/vda /mnt/d && echo before > /mnt/d/f && sync"))
+    # writes go on during the migration: they must all arrive
+    run(sh(guest, "(i=0; while [ $i -lt 400 ]; do i=$((i+1)); echo $i >> /mnt/d/during; "
+                  "sync; usleep 20000; done) </dev/null >/dev/null 2>&1 &"))
+    result = json.loads(migrate(lab, "h2", "mv7", "--to", "h2", "--with-storage",
+                                "--json").stdout)
+    assert result["phase"] == "completed" and result["with_storage"], result
+    lab.wait(lambda: only_on(lab, vm_uuid, "h2"), 20, "mv7 only on h2")
+    guest = agent_on(lab, "h2", vm_uuid)
+    lab.wait(lambda: agent_answers(lab, "h2", vm_uuid), 30, "mv7's guest on h2")
+    assert run(sh(guest, "cat /mnt/d/f")).strip() == "before"
+    lab.wait(lambda: run(sh(guest, "tail -n 1 /mnt/d/during")).strip() == "400", 60,
+             "the writes during the migration to finish")
+    lines = run(sh(guest, "cat /mnt/d/during")).split()
+    assert lines == [str(i) for i in range(1, 401)], "writes lost or reordered"
+    disk = json.loads(lab.on("h1", "vm", "show", "mv7", "--json").stdout)["disks"][0]
+    assert disk["path"].startswith(str(lab.dir / "h2" / "local")), disk
+    # the source's (owned) file is removed only after the destination runs
+    assert not Path(source_disk["path"]).exists()
+    lab.on("h2", "vm", "turn-off", "mv7")
