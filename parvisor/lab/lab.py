@@ -193,9 +193,11 @@ class Lab:
             f"host_name = {json.dumps(node.name)}\nstorage_roots = {json.dumps(roots)}\n"
             "qemu_user = \"\"\nshutdown_timeout_s = 20.0\n" + settings.render())
 
-    def _start_service(self, state: LabState, node: Node) -> None:
+    def _start_service(self, state: LabState, node: Node,
+                       env: dict[str, str] | None = None) -> None:
         argv = [str(VENV_BIN / "parvisor"), "host", "serve"]
-        node.pids["service"] = self._spawn(node, argv, "service.log", self.host_env(node))
+        node.pids["service"] = self._spawn(node, argv, "service.log",
+                                           {**self.host_env(node), **(env or {})})
 
     # --- faults ---------------------------------------------------------------------
     def fail(self, name: str) -> list[int]:
@@ -237,14 +239,16 @@ class Lab:
         state.save(self.dir)
         return pid
 
-    def start_service(self, name: str) -> None:
-        """Start the host service again after ``crash_service``."""
+    def start_service(self, name: str, env: dict[str, str] | None = None) -> int:
+        """Start the host service again after ``crash_service`` (``env``: extra
+        variables, e.g. ``PARVISOR_CRASH_AT`` for crash-point tests); its PID."""
         state = self.state()
         node = state.nodes[self.node(name).name]
         if node.pids.get("service") and net.pid_alive(node.pids["service"]):
             raise InvalidInput(f"lab host {name}: the service runs already")
-        self._start_service(state, node)
+        self._start_service(state, node, env)
         state.save(self.dir)
+        return node.pids["service"]
 
     def isolate(self, name: str) -> None:
         net.set_link(self.node(name).link, False)

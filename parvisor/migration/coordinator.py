@@ -36,6 +36,7 @@ from parvisor.migration.policy import ConvergencePolicy
 from parvisor.migration.protocol import (CANCELLABLE, LocalFacts, MigrationOptions,
                                          MigrationRecord, Phase, Step, next_step)
 from parvisor.model.states import VmState
+from parvisor.testing.crashpoints import crashpoint
 
 log = logging.getLogger("parvisor.migration")
 POLL_S = 0.25
@@ -269,15 +270,16 @@ class MigrationCoordinator:
     # --- waiting on the other side -------------------------------------------------------
     async def _wait_for(self, vm_uuid: str, phases: set[Phase], timeout: float,
                         what: str) -> MigrationRecord | None:
-        """The record once its phase is in ``phases``; None on timeout or cancel."""
+        """The record once its phase is in ``phases`` or terminal, or a cancel was asked
+        before the switch; None on timeout."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with contextlib.suppress(ClusterUnavailable):
                 record = await asyncio.to_thread(self.read, vm_uuid)
                 if record is None:
                     return None
-                if record.phase in phases or (record.cancel_requested
-                                               and record.phase in CANCELLABLE):
+                if record.phase in phases or record.terminal or (
+                        record.cancel_requested and record.phase in CANCELLABLE):
                     return record
             await asyncio.sleep(POLL_S)
         log.warning("migration of %s: timed out waiting for %s", vm_uuid, what)
@@ -311,6 +313,7 @@ class MigrationCoordinator:
             Phase.PREPARING, source_was_running=vm.state == VmState.RUNNING,
             source_disks=sizes, source_owned=owned, tls=self.tls_dir is not None,
             machine_type=machine))
+        crashpoint("migration.source.after_preparing")
         if preparing is not None:
             await self._perform(preparing)
 
@@ -327,6 +330,25 @@ class MigrationCoordinator:
                 await self._stream(record, runtime)
         except Busy as exc:
             await self._abort_before_switch(record, f"VM busy: {exc.message}")
+        await self._settle(record.vm_uuid)
+
+    async def _settle(self, vm_uuid: str) -> None:
+        """Outside the VM's lock (the VM is usable again): wait for the other side to
+        end the migration, then write its end."""
+        latest = await asyncio.to_thread(self.read, vm_uuid)
+        if latest is None:
+            return
+        if latest.phase == Phase.ABORTING:
+            end = await self._wait_for(vm_uuid, {Phase.FAILED, Phase.CANCELLED},
+                                       ABORT_WAIT_S, "the destination to clean up")
+            if end is None:
+                await self._finalise_abort(await asyncio.to_thread(self.read, vm_uuid)
+                                           or latest)
+        elif latest.phase in (Phase.SWITCHED, Phase.FINISHED):
+            finished = await self._wait_for(vm_uuid, {Phase.FINISHED}, FINISH_WAIT_S,
+                                            "the destination to resume the VM")
+            if finished is not None:    # else: a later poll completes the record
+                await self._complete(finished)
 
     async def _stream(self, record: MigrationRecord, runtime: Any) -> None:
         ready = await self._wait_for(record.vm_uuid, {Phase.PREPARED, Phase.ABORTING},
@@ -335,6 +357,7 @@ class MigrationCoordinator:
             await self._abort_before_switch(ready or record, _why_stopped(ready, "the destination did not prepare in time"))
             return
         performing = await self.write(ready.to(Phase.PERFORMING))
+        crashpoint("migration.source.after_performing")
         if performing is None:      # cancel written meanwhile: read it and abort
             await self._abort_before_switch(self.read(record.vm_uuid) or ready, "cancelled")
             return
@@ -357,6 +380,7 @@ class MigrationCoordinator:
                                             cancelled=isinstance(exc, MigrationCancelled))
             return
         await progress.stop()     # mirrors were completed at the switchover (engine)
+        crashpoint("migration.source.before_switch")     # source paused, nothing switched
         await self._switch(progress.record, runtime, result)
 
     async def _switch(self, record: MigrationRecord, runtime: Any, result: Any) -> None:
@@ -380,6 +404,7 @@ class MigrationCoordinator:
                                             "changed hands or the migration was cancelled)")
             return
         log.info("migration of %s: switched to %s", record.vm_name, record.destination)
+        crashpoint("migration.source.after_switch")
         await self._drop_copy(done, runtime)
 
     async def _outcome_after_timeout(self, record: MigrationRecord) -> MigrationRecord | None:
@@ -401,14 +426,9 @@ class MigrationCoordinator:
             with_disk_paths(vm.definition, record.dest_disks), vm)
 
     async def _drop_copy(self, record: MigrationRecord, runtime: Any) -> None:
-        """After the switch: quit the paused source copy, unplug its taps; after the
-        destination resumed, remove moved disks and write ``completed``."""
+        """After the switch: quit the paused source copy and unplug its taps (``_settle``
+        then waits for the destination's resume and writes ``completed``)."""
         await self.vms.drop_migrated_copy(record.vm_uuid)
-        finished = await self._wait_for(record.vm_uuid, {Phase.FINISHED}, FINISH_WAIT_S,
-                                        "the destination to resume the VM")
-        if finished is None:
-            return      # the destination owns the VM; a later poll completes the record
-        await self._complete(finished)
 
     async def _complete(self, record: MigrationRecord) -> None:
         if record.options.with_storage:
@@ -437,7 +457,9 @@ class MigrationCoordinator:
             log.info("migration of %s aborted (%s): source %s", record.vm_name, reason, done)
         self._cancel.discard(record.vm_uuid)
         latest = await asyncio.to_thread(self.read, record.vm_uuid) or record
-        if latest.phase in (Phase.REQUESTED,):
+        if latest.terminal:
+            return      # the destination gave up and cleaned already
+        if latest.phase == Phase.REQUESTED:
             await self.write(latest.to(Phase.CANCELLED if cancelled else Phase.FAILED,
                                        reason=reason))
             return
@@ -448,11 +470,6 @@ class MigrationCoordinator:
         vm = self.store.get_vm_by_uuid(record.vm_uuid)
         self.vms.event("migration", f"{record.vm_name}: migration to {record.destination} "
                        f"stopped, VM stays on {self.host}: {latest.reason or reason}", vm)
-        end = await self._wait_for(record.vm_uuid, {Phase.FAILED, Phase.CANCELLED},
-                                   ABORT_WAIT_S, "the destination to clean up")
-        if end is None:
-            await self._finalise_abort(await asyncio.to_thread(self.read, record.vm_uuid)
-                                       or latest)
 
     async def _finalise_abort(self, record: MigrationRecord) -> None:
         if record.phase != Phase.ABORTING:
@@ -464,6 +481,7 @@ class MigrationCoordinator:
     async def _recover_source(self, record: MigrationRecord) -> None:
         reason = self._errors.pop(record.vm_uuid, "the source service restarted mid-way")
         await self._abort_before_switch(record, reason)
+        await self._settle(record.vm_uuid)
 
     # --- destination steps --------------------------------------------------------------
     async def _prepare_incoming(self, record: MigrationRecord) -> None:
@@ -476,6 +494,7 @@ class MigrationCoordinator:
                                    f"{exc.message}")
             return
         self.incoming[record.vm_uuid] = process
+        crashpoint("migration.dest.after_launch")
         try:
             if record.tls and self.tls_dir is None:
                 raise MigrationFailed(f"the source encrypts, but {self.host} has no "
@@ -496,6 +515,7 @@ class MigrationCoordinator:
             return
         prepared = await self.write(record.to(Phase.PREPARED, incoming_uri=uri, nbd_uri=nbd,
                                               dest_disks=dest_disks))
+        crashpoint("migration.dest.after_prepared")
         if prepared is None:
             await self._dest_abort(self.read(record.vm_uuid) or record, "cancelled")
             return
@@ -519,6 +539,7 @@ class MigrationCoordinator:
             return
 
     async def _resume_incoming(self, record: MigrationRecord) -> None:
+        crashpoint("migration.dest.before_resume")
         process = self.incoming.pop(record.vm_uuid, None)
         if record.options.with_storage and process is not None:
             await engine.stop_export(process)

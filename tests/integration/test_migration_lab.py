@@ -318,3 +318,52 @@ def test_shared_nothing_moves_the_disk_with_the_running_vm(lab):
     # the source's (owned) file is removed only after the destination runs
     assert not Path(source_disk["path"]).exists()
     lab.on("h2", "vm", "turn-off", "mv7")
+
+
+# --- a crash at each phase -------------------------------------------------------------------
+SLOW_TIER = pytest.mark.slow
+CRASH_POINTS = [
+    # (crash point in parvisor/migration/coordinator.py, the host whose service dies)
+    pytest.param("migration.source.before_switch", "h1", id="source-before-switch"),
+    pytest.param("migration.dest.before_resume", "h2", id="dest-before-resume"),
+    pytest.param("migration.source.after_preparing", "h1", id="source-after-preparing",
+                 marks=SLOW_TIER),
+    pytest.param("migration.source.after_performing", "h1", id="source-after-performing",
+                 marks=SLOW_TIER),
+    pytest.param("migration.source.after_switch", "h1", id="source-after-switch",
+                 marks=SLOW_TIER),
+    pytest.param("migration.dest.after_launch", "h2", id="dest-after-launch",
+                 marks=SLOW_TIER),
+    pytest.param("migration.dest.after_prepared", "h2", id="dest-after-prepared",
+                 marks=SLOW_TIER),
+]
+
+
+@pytest.mark.parametrize("point,victim", CRASH_POINTS)
+def test_a_crash_at_each_phase_resolves_to_exactly_one_copy(lab, point, victim):
+    from parvisor.lab import net
+    name = "mc-" + point.rsplit(".", 2)[-2][0] + point.rsplit(".", 1)[-1].replace("_", "")
+    vm_uuid = start_vm(lab, name, "h1")
+    lab.lab.crash_service(victim)
+    armed = lab.lab.start_service(victim, {"PARVISOR_CRASH_AT": point})
+    lab.wait(lambda: lab.on(victim, "host", "info", check=False).returncode == 0, 60,
+             f"{victim}'s service (armed to crash at {point})")
+    asking = "h2" if victim == "h1" else "h1"
+    proc = start_migration(lab, asking, name, "--to", "h2")
+    try:
+        lab.wait(lambda: not net.pid_alive(armed), 90, f"{victim} to crash at {point}")
+        lab.lab.start_service(victim)
+        result = finished(proc, timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert result["phase"] in ("failed", "completed"), result
+    host = "h2" if result["phase"] == "completed" else "h1"
+    lab.wait(lambda: only_on(lab, vm_uuid, host), 60, f"{name} only on {host}")
+    lab.wait(lambda: agent_answers(lab, host, vm_uuid), 60, f"{name}'s guest on {host}")
+    for asking_host in ("h1", "h2"):
+        shown = json.loads(lab.on(asking_host, "vm", "show", name, "--json").stdout)
+        assert (shown["host"], shown["state"]) == (host, "running"), shown
+    holds_for(lambda: only_on(lab, vm_uuid, host), 3.0, "exactly one copy")
+    print(f"{point}: {result['phase']} ({result['reason'] or 'moved'})")
+    lab.on(host, "vm", "turn-off", name)
