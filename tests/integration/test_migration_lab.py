@@ -367,3 +367,60 @@ def test_a_crash_at_each_phase_resolves_to_exactly_one_copy(lab, point, victim):
     holds_for(lambda: only_on(lab, vm_uuid, host), 3.0, "exactly one copy")
     print(f"{point}: {result['phase']} ({result['reason'] or 'moved'})")
     lab.on(host, "vm", "turn-off", name)
+
+
+# --- racing requests and a dropped link ------------------------------------------------------
+def test_two_migrations_or_migrate_and_delete_fired_together_one_wins(lab):
+    vm_uuid = start_vm(lab, "mv8", "h1")
+    first = start_migration(lab, "h1", "mv8", "--to", "h2")
+    second = start_migration(lab, "h2", "mv8", "--to", "h2")
+    outcomes = []
+    for proc in (first, second):
+        out, err = proc.communicate(timeout=180)
+        outcomes.append((proc.returncode, out, err))
+    accepted = [o for o in outcomes if o[0] == 0]
+    refused = [o for o in outcomes if o[0] != 0]
+    assert len(accepted) == 1 and len(refused) == 1, outcomes
+    # refused while the first is in flight, or (when it was that quick) because the VM
+    # already runs on h2 by then
+    why = refused[0][1] + refused[0][2]
+    assert any(text in why for text in ("already migrating", "changed while",
+                                        "already runs on h2")), refused
+    lab.wait(lambda: only_on(lab, vm_uuid, "h2"), 30, "mv8 only on h2")
+    # migrate back and delete at once: the VM is either moved or deleted, never both
+    # half-done (a migrating VM cannot be deleted; a deleted one cannot migrate)
+    move = start_migration(lab, "h1", "mv8", "--to", "h1")
+    argv, env = lab.lab.exec_argv("h2", [str(PARVISOR), "vm", "delete", "mv8", "--force"])
+    delete = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
+    moved = move.communicate(timeout=180)
+    names = [vm["name"] for vm in lab.vms("h1")]
+    if delete.returncode == 0:
+        assert "mv8" not in names
+        lab.wait(lambda: lab.running_on(vm_uuid) == [], 30, "no QEMU of the deleted mv8")
+    else:
+        assert "is migrating" in delete.stdout + delete.stderr or move.returncode == 0, \
+            (delete, moved)
+        host = "h1" if json.loads(moved[0])["phase"] == "completed" else "h2"
+        lab.wait(lambda: only_on(lab, vm_uuid, host), 30, f"mv8 only on {host}")
+        lab.on(host, "vm", "turn-off", "mv8")
+
+
+@pytest.mark.slow
+def test_dropped_link_then_cancel_leaves_the_source_running(lab):
+    vm_uuid = start_vm(lab, "mv9", "h1")
+    proc = start_migration(lab, "h1", "mv9", "--to", "h2", "--bandwidth", SLOW)
+    try:
+        lab.wait(lambda: streaming(lab, "h1", "mv9"), 40, "the migration to stream")
+        lab.lab.isolate("h2")
+        lab.on("h1", "vm", "migrate", "mv9", "--cancel")
+        result = finished(proc, timeout=120)
+    finally:
+        lab.lab.heal("h2")
+        if proc.poll() is None:
+            proc.kill()
+    assert result["phase"] == "cancelled", result
+    assert agent_answers(lab, "h1", vm_uuid)
+    # back on the network, the destination removes its copy
+    lab.wait(lambda: record_of(lab, "h1", "mv9")["dest_cleaned"], 90, "h2 to clean up")
+    lab.wait(lambda: only_on(lab, vm_uuid, "h1"), 30, "mv9 only on h1")
+    lab.on("h1", "vm", "turn-off", "mv9")
