@@ -26,6 +26,7 @@ class MigrateVm(Request):
 
     to: str = Field(min_length=1, max_length=64)
     with_storage: bool = False
+    quick: bool = False          # save -> move -> restore (the guest stops meanwhile)
     max_downtime_ms: int | None = Field(default=None, ge=1, le=MAX_DOWNTIME_LIMIT_MS)
     bandwidth: int | str | None = None      # bytes per second, or a size like 100M
 
@@ -43,7 +44,7 @@ class MigrateVm(Request):
         return rate
 
     def options(self) -> MigrationOptions:
-        return MigrationOptions(with_storage=self.with_storage,
+        return MigrationOptions(with_storage=self.with_storage, live=not self.quick,
                                 max_downtime_ms=self.max_downtime_ms,
                                 bandwidth_bytes_per_s=self.bandwidth)  # type: ignore[arg-type]
 

@@ -30,6 +30,9 @@ def migrate(name: str,
                 None, "--max-downtime", help="Initial downtime limit in ms (default 100)."),
             bandwidth: Optional[str] = typer.Option(
                 None, "--bandwidth", help="Cap per second, e.g. 500M (default unlimited)."),
+            quick: bool = typer.Option(
+                False, "--quick", help="Quick migration: save, move, restore (the guest "
+                                       "pauses for the whole move; shared storage)."),
             cancel: bool = typer.Option(False, "--cancel", help="Cancel a running migration."),
             wait: bool = typer.Option(True, "--wait/--no-wait", help="Follow it to the end."),
             as_json: bool = JsonOpt) -> None:
@@ -41,7 +44,7 @@ def migrate(name: str,
         return
     if not to:
         raise typer.BadParameter("--to HOST is required (or --cancel)")
-    body: dict[str, Any] = {"to": to, "with_storage": with_storage}
+    body: dict[str, Any] = {"to": to, "with_storage": with_storage, "quick": quick}
     if max_downtime is not None:
         body["max_downtime_ms"] = max_downtime
     if bandwidth is not None:
@@ -119,7 +122,8 @@ def _result(record: dict[str, Any]) -> dict[str, Any]:
             "transferred_bytes": result.get("transferred_bytes"),
             "source": result["source"], "destination": result["destination"],
             "with_storage": record["options"]["with_storage"],
-            "encrypted": bool(record.get("tls"))}
+            "encrypted": bool(record.get("tls")),
+            "live": record["options"].get("live", True)}
 
 
 def _print_result(record: dict[str, Any]) -> None:

@@ -123,8 +123,9 @@ def _restart(vm: VmView, view: ClusterView) -> Decision | None:
 
 
 def _drain(vm: VmView, view: ClusterView, usage: Usage) -> Decision | None:
-    """Maintenance: live-migrate running VMs (``policy.live_drain``); when that is off
-    or failed for this VM, stop it on the source, then start it elsewhere."""
+    """Maintenance: live-migrate running VMs (``policy.live_drain``), quick-migrate a VM
+    whose live migration failed; when both failed, or it is not running, or live drain
+    is off: stop it on the source, then start it elsewhere."""
     source = vm.owner.host or ""
     if vm.owner.phase == OwnerPhase.RUN:
         if vm.migration == "active":
@@ -133,8 +134,10 @@ def _drain(vm: VmView, view: ClusterView, usage: Usage) -> Decision | None:
         if destination is None:
             return None     # nowhere to go: keep it running, the drain waits
         if (view.policy.live_drain and vm.phase == VmPhase.RUNNING
-                and vm.migration != "failed"):
-            return LiveMigrateVm(vm.uuid, vm.name, source, destination, vm.owner.revision)
+                and vm.migration != "failed-quick"):
+            # live first; after a failed live migration, quick (save, move, restore)
+            return LiveMigrateVm(vm.uuid, vm.name, source, destination, vm.owner.revision,
+                                 quick=vm.migration == "failed")
         return StopForDrain(vm.uuid, vm.name, source, vm.owner.revision)
     if vm.phase in (VmPhase.STOPPED, VmPhase.ERROR):
         return _place(vm, view, usage, reason="drain", exclude=frozenset({source}))

@@ -79,7 +79,8 @@ class Snapshot:
     owners: dict[str, Owner]
     statuses: dict[str, VmStatus] = field(default_factory=dict)
     manager: str | None = None
-    migrations: dict[str, tuple[str, str]] = field(default_factory=dict)  # uuid -> (phase, source)
+    # uuid -> (phase, source, live) of the VM's last migration record
+    migrations: dict[str, tuple[str, str, bool]] = field(default_factory=dict)
 
 
 class ClusterEnv(Protocol):
@@ -99,7 +100,7 @@ class ClusterEnv(Protocol):
                      phase: OwnerPhase, require_absent: str | None) -> int | None: ...
     def write_status(self, vm_uuid: str, status: VmStatus) -> bool: ...
     def request_migration(self, vm_uuid: str, vm_name: str, source: str, destination: str,
-                          owner_revision: int) -> bool: ...   # False: changed meanwhile
+                          owner_revision: int, quick: bool = False) -> bool: ...  # False: changed
 
     # --- this host ------------------------------------------------------------------
     def local_vms(self) -> list[LocalVm]: ...

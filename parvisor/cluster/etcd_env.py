@@ -106,11 +106,11 @@ class EtcdEnv:
         return ok
 
     def request_migration(self, vm_uuid: str, vm_name: str, source: str, destination: str,
-                          owner_revision: int) -> bool:
+                          owner_revision: int, quick: bool = False) -> bool:
         """A live migration request (drain): as ``vm migrate`` records it, conditioned
         on the owner token and on no other migration of the VM being in flight."""
         import time
-        from parvisor.migration.protocol import MigrationRecord, Phase
+        from parvisor.migration.protocol import MigrationOptions, MigrationRecord, Phase
         key = self.keys.migration(vm_uuid)
         current = self.kv.get(key)
         if current is not None and json.loads(current.value)["phase"] not in (
@@ -118,7 +118,8 @@ class EtcdEnv:
             return False
         record = MigrationRecord(vm_uuid=vm_uuid, vm_name=vm_name, source=source,
                                  destination=destination, phase=Phase.REQUESTED,
-                                 owner_revision=owner_revision, requested_at=time.time())
+                                 owner_revision=owner_revision, requested_at=time.time(),
+                                 options=MigrationOptions(live=not quick))
         guard = cmp_absent(key) if current is None else cmp_mod(key, current.mod_revision)
         ok, _, _ = self.kv.txn([guard, cmp_mod(self.keys.owner(vm_uuid), owner_revision)],
                                [op_put(key, record.to_json())])
@@ -171,7 +172,8 @@ def parse_snapshot(keys: Keys, items: list[KeyValue], revision: int,
     migrations = {}
     for uuid, kv in by_kind.get("migration", {}).items():
         doc = json.loads(kv.value)
-        migrations[uuid] = (doc["phase"], doc["source"])
+        migrations[uuid] = (doc["phase"], doc["source"],
+                            doc.get("options", {}).get("live", True))
     return Snapshot(revision, hosts, frozenset(by_kind.get("members", {})),
                     frozenset(by_kind.get("maint", {})), vms, owners, statuses,
                     manager.value.decode() if manager else None, migrations)

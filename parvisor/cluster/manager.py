@@ -80,7 +80,8 @@ class Manager:
                 return
         elif isinstance(decision, LiveMigrateVm):
             if not self.env.request_migration(decision.vm, decision.vm_name, decision.source,
-                                              decision.destination, decision.expected_revision):
+                                              decision.destination, decision.expected_revision,
+                                              quick=decision.quick):
                 self.env.log(f"{self.env.host} manager: not requested (changed meanwhile): "
                              f"{decision.describe()}")
                 return
@@ -145,11 +146,13 @@ def _vm_view(snapshot: Snapshot, memory: ManagerMemory, uuid: str) -> VmView:
         migration=_migration_state(snapshot.migrations.get(uuid), owner))
 
 
-def _migration_state(brief: tuple[str, str] | None, owner: Owner) -> str:
-    """(phase, source) of the VM's last migration record -> VmView.migration."""
+def _migration_state(brief: tuple[str, str, bool] | None, owner: Owner) -> str:
+    """(phase, source, live) of the VM's last migration record -> VmView.migration."""
     if brief is None:
         return ""
-    phase, source = brief
+    phase, source, live = brief
     if phase in ("failed", "cancelled"):
-        return "failed" if source == owner.host else ""
+        if source != owner.host:
+            return ""
+        return "failed" if live else "failed-quick"
     return "done" if phase == "completed" else "active"

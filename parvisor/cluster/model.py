@@ -112,8 +112,8 @@ class VmView:
     retryable_error: bool = False    # e.g. "no capacity": try again when it frees up
     restart_times: tuple[float, ...] = ()    # manager clock
     failover_times: tuple[float, ...] = ()   # manager clock
-    # the VM's last live migration: "" none, "active" in flight, "failed" (or cancelled)
-    # from its current owner, "done"
+    # the VM's last migration: "" none, "active" in flight, "done", and from its current
+    # owner "failed" (live, or cancelled) / "failed-quick"
     migration: str = ""
 
 
@@ -185,9 +185,11 @@ class LiveMigrateVm:
     source: str
     destination: str
     expected_revision: int
+    quick: bool = False              # save -> move -> restore (after a live one failed)
 
     def describe(self) -> str:
-        return (f"live-migrate {self.vm_name} {self.source} -> {self.destination} for "
+        how = "quick-migrate" if self.quick else "live-migrate"
+        return (f"{how} {self.vm_name} {self.source} -> {self.destination} for "
                 f"drain (token r{self.expected_revision})")
 
 

@@ -14,6 +14,7 @@ may still be running there, INV-1).
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
@@ -26,13 +27,21 @@ from parvisor.model.states import VmState
 from parvisor.model.vm import VmStatus
 from parvisor.ops.vms import VmManager
 from parvisor.store.base import VmRecord
+from parvisor.vm.paths import VmPaths
 
-DRAIN_SHUTDOWN_TIMEOUT_S = 30.0    # graceful stop before a drain hand-off, then power-off
+DRAIN_SHUTDOWN_TIMEOUT_S = 30.0
+SAVED_STATES_DIR = "saved-states"      # under the shared storage path    # graceful stop before a drain hand-off, then power-off
 
 
 class ClusterVmManager(MigrationHostActions, VmManager):
     shared_storage: Path | None = None      # set by the cluster runtime
     migrations: Any = None                  # MigrationCoordinator, set by the runtime
+
+    def paths(self, vm_uuid: str) -> VmPaths:
+        """Saved states live on the cluster's shared storage: any host restores them
+        (a VM saved on h1 may start on h2; quick migration relies on it)."""
+        saved = self.shared_storage / SAVED_STATES_DIR if self.shared_storage else None
+        return VmPaths(self.config.state_dir, vm_uuid, saved)
 
     def _launch_spec(self, definition: Any, **extra: Any) -> Any:
         """Every QEMU in the cluster runs the cluster's CPU baseline when one is set
@@ -125,7 +134,12 @@ class ClusterVmManager(MigrationHostActions, VmManager):
             raise Busy(f"VM '{name}' is migrating ({migration.source} -> "
                        f"{migration.destination}, {migration.phase}); cancel it first",
                        vm=name)
-        return await super().delete(name, force)
+        result = await super().delete(name, force)
+        saved = self.paths(record.uuid).saved_state     # on shared storage: not in root
+        saved.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            saved.parent.rmdir()
+        return result
 
     def _want_off(self, name: str) -> None:
         """Record the wish first: while QEMU goes down, this host's agent must see a VM

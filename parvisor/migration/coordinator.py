@@ -44,6 +44,7 @@ PROGRESS_WRITE_S = 0.5          # progress in etcd: often enough for a CLI bar
 PREPARE_TIMEOUT_S = 60.0        # destination must listen within this (TCG start ≈ 1 s)
 FINISH_WAIT_S = 60.0            # source waits this long for the destination's resume
 ABORT_WAIT_S = 30.0             # source waits this long for the destination's clean-up
+RESTORE_WAIT_S = 120.0          # quick migration: the destination's restore
 WORKING_STATES = (VmState.RUNNING, VmState.PAUSED)
 
 
@@ -174,6 +175,9 @@ class MigrationCoordinator:
         if self.kv.get(self.keys.member(destination)) is None:
             raise MigrationRefused(f"host {destination} is not a live cluster member",
                                    host=destination)
+        if not options.live and (options.with_storage or self.vms.shared_storage is None):
+            raise MigrationRefused("quick migration needs the cluster's shared storage "
+                                   "(the saved state and the disks stay there)")
         if self.kv.get(self.keys.maintenance(destination)) is not None:
             raise MigrationRefused(f"host {destination} is in maintenance (drain)",
                                    host=destination)
@@ -361,6 +365,9 @@ class MigrationCoordinator:
         if performing is None:      # cancel written meanwhile: read it and abort
             await self._abort_before_switch(self.read(record.vm_uuid) or ready, "cancelled")
             return
+        if not performing.options.live:
+            await self._quick_move(performing, runtime)
+            return
         process = runtime.process
         policy = _policy(performing.options)
         progress = _ProgressWriter(self, performing)
@@ -382,6 +389,33 @@ class MigrationCoordinator:
         await progress.stop()     # mirrors were completed at the switchover (engine)
         crashpoint("migration.source.before_switch")     # source paused, nothing switched
         await self._switch(progress.record, runtime, result)
+
+    async def _quick_move(self, record: MigrationRecord, runtime: Any) -> None:
+        """Quick migration: hold the VM here without running it (owner phase ``stop``,
+        so no agent restarts it), save its state to shared storage (QEMU quits), then
+        the usual switch; the destination's agent restores it from that file."""
+        owner_key = self.keys.owner(record.vm_uuid)
+        started = time.monotonic()
+        ok, revision, _ = await asyncio.to_thread(
+            self.kv.txn, [cmp_mod(owner_key, record.owner_revision)],
+            [op_put(owner_key, json.dumps({"host": self.host, "phase": "stop"}))])
+        held = await self.write(replace(record, owner_revision=revision)) if ok else None
+        if held is None:
+            await self._abort_before_switch(record, "the VM changed hands meanwhile")
+            return
+        vm = self.store.get_vm_by_uuid(record.vm_uuid)
+        try:
+            await self.vms._save(vm, runtime, None)
+        except ParvisorError as exc:
+            await self._abort_before_switch(held, f"saving the VM failed: {exc.message}")
+            return
+        state = self.vms.paths(record.vm_uuid).saved_state
+        elapsed = round((time.monotonic() - started) * 1000)
+        result = {"total_time_ms": elapsed, "downtime_ms": elapsed,
+                  "transferred_bytes": state.stat().st_size if state.exists() else 0,
+                  "note": "quick migration: the guest resumes once the destination "
+                          "restored it"}
+        await self._switch(held, runtime, result)
 
     async def _switch(self, record: MigrationRecord, runtime: Any, result: Any) -> None:
         """The one txn: owner -> destination and ``switched``, both or neither."""
@@ -455,6 +489,8 @@ class MigrationCoordinator:
             done = await engine.recover_source(runtime.process,
                                                was_running=record.source_was_running)
             log.info("migration of %s aborted (%s): source %s", record.vm_name, reason, done)
+        if not record.options.live:
+            await asyncio.to_thread(self._release_quick_hold, record)
         self._cancel.discard(record.vm_uuid)
         latest = await asyncio.to_thread(self.read, record.vm_uuid) or record
         if latest.terminal:
@@ -471,6 +507,18 @@ class MigrationCoordinator:
         self.vms.event("migration", f"{record.vm_name}: migration to {record.destination} "
                        f"stopped, VM stays on {self.host}: {latest.reason or reason}", vm)
 
+    def _release_quick_hold(self, record: MigrationRecord) -> None:
+        """A quick migration that did not switch: the owner record back to ``run`` on
+        this host, so its agent keeps (or, from the saved state, restarts) the VM."""
+        owner_key = self.keys.owner(record.vm_uuid)
+        item = self.kv.get(owner_key)
+        if item is None:
+            return
+        owner = json.loads(item.value)
+        if owner == {"host": self.host, "phase": "stop"}:
+            self.kv.txn([cmp_mod(owner_key, item.mod_revision)],
+                        [op_put(owner_key, json.dumps({"host": self.host, "phase": "run"}))])
+
     async def _finalise_abort(self, record: MigrationRecord) -> None:
         if record.phase != Phase.ABORTING:
             return
@@ -485,6 +533,9 @@ class MigrationCoordinator:
 
     # --- destination steps --------------------------------------------------------------
     async def _prepare_incoming(self, record: MigrationRecord) -> None:
+        if not record.options.live:
+            await self._prepare_quick(record)
+            return
         try:
             process, dest_disks = await self.vms.launch_incoming(
                 record.vm_uuid, record.source_disks if record.options.with_storage else None,
@@ -521,6 +572,19 @@ class MigrationCoordinator:
             return
         await self._await_switch(prepared)
 
+    async def _prepare_quick(self, record: MigrationRecord) -> None:
+        """Quick migration: nothing to start before the switch (this host's agent
+        restores the saved state after it); only check there is room."""
+        try:
+            vm = self.store.get_vm_by_uuid(record.vm_uuid)
+            await asyncio.to_thread(self.vms._check_room_for, vm)
+        except ParvisorError as exc:
+            await self._dest_abort(record, f"destination {self.host}: {exc.message}")
+            return
+        prepared = await self.write(record.to(Phase.PREPARED))
+        if prepared is not None:
+            await self._await_switch(prepared)
+
     async def _await_switch(self, record: MigrationRecord) -> None:
         """Hold the incoming copy until the source switches or gives up."""
         while True:
@@ -540,12 +604,28 @@ class MigrationCoordinator:
 
     async def _resume_incoming(self, record: MigrationRecord) -> None:
         crashpoint("migration.dest.before_resume")
+        if not record.options.live:
+            await self._wait_restored(record)
+            return
         process = self.incoming.pop(record.vm_uuid, None)
         if record.options.with_storage and process is not None:
             await engine.stop_export(process)
         await self.vms.adopt_incoming(record.vm_uuid, process, record.source_was_running)
         await self.write(record.to(Phase.FINISHED))
         log.info("migration of %s: running on %s", record.vm_name, self.host)
+
+    async def _wait_restored(self, record: MigrationRecord) -> None:
+        """Quick migration: this host's agent restores the VM (owner switched here);
+        ``finished`` once its QEMU runs (or, after the wait, anyway: the cluster's
+        crash/restart rules take over from here)."""
+        deadline = time.monotonic() + RESTORE_WAIT_S
+        while time.monotonic() < deadline:
+            runtime = self.vms.runtimes.get(record.vm_uuid)
+            if runtime is not None and runtime.process is not None and \
+                    self.store.get_vm_by_uuid(record.vm_uuid).state == VmState.RUNNING:
+                break
+            await asyncio.sleep(POLL_S)
+        await self.write(record.to(Phase.FINISHED))
 
     async def _abort_incoming(self, record: MigrationRecord) -> None:
         """Kill the incoming copy and its new disk files; report the clean-up."""

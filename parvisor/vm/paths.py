@@ -16,6 +16,9 @@ from pathlib import Path
 class VmPaths:
     state_dir: Path
     uuid: str
+    # a cluster keeps saved states on shared storage, so any host can restore them
+    # (quick migration); None: in the VM's runtime dir
+    saved_dir: Path | None = None
 
     @property
     def root(self) -> Path:
@@ -51,6 +54,8 @@ class VmPaths:
 
     @property
     def saved_state(self) -> Path:
+        if self.saved_dir is not None:
+            return self.saved_dir / self.uuid / "saved.state"
         return self.root / "saved.state"
 
 

@@ -424,3 +424,22 @@ def test_dropped_link_then_cancel_leaves_the_source_running(lab):
     lab.wait(lambda: record_of(lab, "h1", "mv9")["dest_cleaned"], 90, "h2 to clean up")
     lab.wait(lambda: only_on(lab, vm_uuid, "h1"), 30, "mv9 only on h1")
     lab.on("h1", "vm", "turn-off", "mv9")
+
+
+# --- quick migration -------------------------------------------------------------------------
+def test_quick_migration_saves_moves_and_restores(lab):
+    vm_uuid = start_vm(lab, "mq1", "h1")
+    guest = agent_on(lab, "h1", vm_uuid)
+    run(sh(guest, "echo kept-in-memory > /tmp/marker"))
+    uptime = run(guest_uptime(guest))
+    result = json.loads(migrate(lab, "h2", "mq1", "--to", "h2", "--quick", "--json").stdout)
+    assert result["phase"] == "completed" and result["live"] is False, result
+    assert result["transferred_bytes"] > 0            # the saved state's size
+    lab.wait(lambda: only_on(lab, vm_uuid, "h2"), 60, "mq1 restored on h2 only")
+    lab.wait(lambda: agent_answers(lab, "h2", vm_uuid), 60, "mq1's guest on h2")
+    guest = agent_on(lab, "h2", vm_uuid)
+    assert run(sh(guest, "cat /tmp/marker")).strip() == "kept-in-memory"   # not a reboot
+    assert run(guest_uptime(guest)) >= uptime
+    shown = json.loads(lab.on("h1", "vm", "show", "mq1", "--json").stdout)
+    assert (shown["host"], shown["state"]) == ("h2", "running")
+    lab.on("h2", "vm", "turn-off", "mq1")

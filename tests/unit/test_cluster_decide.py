@@ -114,7 +114,7 @@ def test_drain_stops_first_then_places_elsewhere():
     assert decide(view(hosts, [stopped])) == [PlaceVm("u-a", "a", "h2", "h1", 10, "drain")]
 
 
-def test_live_drain_migrates_running_vms_and_falls_back_to_stop_when_it_failed():
+def test_live_drain_migrates_running_vms_then_quick_then_stop_and_start():
     from dataclasses import replace
     from parvisor.cluster.model import LiveMigrateVm
     hosts = [host("h1", maintenance=True), host("h2")]
@@ -123,7 +123,9 @@ def test_live_drain_migrates_running_vms_and_falls_back_to_stop_when_it_failed()
     moving = replace(live, vms=(vm("a", "h1", migration="active"),))
     assert decide(moving) == []                       # wait for the migration's outcome
     failed = replace(live, vms=(vm("a", "h1", migration="failed"),))
-    assert decide(failed) == [StopForDrain("u-a", "a", "h1", 10)]   # quick fallback
+    assert decide(failed) == [LiveMigrateVm("u-a", "a", "h1", "h2", 10, quick=True)]
+    both = replace(live, vms=(vm("a", "h1", migration="failed-quick"),))
+    assert decide(both) == [StopForDrain("u-a", "a", "h1", 10)]     # last resort
     paused = replace(live, vms=(vm("a", "h1", phase=VmPhase.PENDING),))
     assert decide(paused) == [StopForDrain("u-a", "a", "h1", 10)]
     nowhere = replace(live, hosts=(host("h1", maintenance=True),))
