@@ -118,6 +118,15 @@ class EtcdKV:
             except gw_errors.ConnectionFailedError as exc:
                 failures.append(f"{self.endpoints[index]}: {exc}")
                 continue
+            except gw_errors.ConnectionTimeoutError as exc:
+                if not _connect_timeout(exc):
+                    raise ClusterUnavailable(f"etcd request {path} failed: {exc}",
+                                             endpoint=self.endpoints[index]) from exc
+                # the TCP connect timed out: nothing was sent, the next endpoint may
+                # answer (a dead host's member first in the list held every call 2 s
+                # and failed it, so a survivor could not fail a VM over)
+                failures.append(f"{self.endpoints[index]}: connect timeout")
+                continue
             except gw_errors.Etcd3Exception as exc:
                 # timeouts included: the request may have been applied; do not resend
                 raise ClusterUnavailable(f"etcd request {path} failed: {exc}",
@@ -169,6 +178,13 @@ class EtcdKV:
 
     def status(self) -> dict:
         return self.call("/maintenance/status", {})
+
+
+def _connect_timeout(exc: BaseException) -> bool:
+    """etcd3gw turns requests' ConnectTimeout (nothing sent) and ReadTimeout (maybe
+    applied) into one ConnectionTimeoutError; the cause tells them apart."""
+    cause = exc.__cause__ or exc.__context__
+    return isinstance(cause, requests.exceptions.ConnectTimeout)
 
 
 def parse_kvs(raw: list[dict]) -> list[KeyValue]:
