@@ -32,6 +32,7 @@ class Agent:
         self.lease_id: int | None = env.load_lease()
         self.last_ok_sent: float | None = None
         self.next_keepalive = float("-inf")
+        self.registered = False               # this agent wrote its registration
         self.fenced = False
         self.fenced_vms: set[str] = set()     # killed by our own fence: restart once safe
         self.manager: Manager | None = None
@@ -63,6 +64,11 @@ class Agent:
                 self._set_lease(None)
             if self.lease_id is None:
                 self._join()
+            elif not self.registered:
+                # a restarted service kept its lease: publish this start's registration
+                # (e.g. the facts of an upgraded QEMU) under the same lease
+                self.env.register(self.lease_id, self.record)
+                self.registered = True
         except ClusterUnavailable:
             return
         self.last_ok_sent = sent
@@ -74,6 +80,7 @@ class Agent:
     def _join(self) -> None:
         lease_id = self.env.lease_grant(self.policy.lease_ttl_s)
         self.env.register(lease_id, self.record)
+        self.registered = True
         self._set_lease(lease_id)
         self.env.log(f"{self.record.name}: joined with lease {lease_id}")
 

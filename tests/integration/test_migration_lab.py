@@ -443,3 +443,52 @@ def test_quick_migration_saves_moves_and_restores(lab):
     shown = json.loads(lab.on("h1", "vm", "show", "mq1", "--json").stdout)
     assert (shown["host"], shown["state"]) == ("h2", "running")
     lab.on("h2", "vm", "turn-off", "mq1")
+
+
+# --- refusals by the destination's published facts ------------------------------------------
+def test_accelerator_mismatch_and_missing_switch_are_refused_before_anything_moves(lab):
+    # a switch created now exists on h1 only (h2 creates switches at its start)
+    lab.on("h1", "switch", "create", "pvmigsw", "--type", "private")
+    try:
+        lab.on("h1", "vm", "create", "mr1", "--image", "tiny", "--memory", "128M",
+               "--preferred-hosts", "h1", "--nic", "pvmigsw")
+        vm_uuid = lab.vm_uuid("h1", "mr1")
+        lab.on("h1", "vm", "start", "mr1")
+        lab.wait(lambda: only_on(lab, vm_uuid, "h1"), 40, "mr1 on h1")
+        done = migrate(lab, "h2", "mr1", "--to", "h2", "--json", check=False)
+        result = json.loads(done.stdout)
+        assert done.returncode != 0 and result["phase"] == "failed"
+        assert "no virtual switch 'pvmigsw'" in result["reason"], result
+        assert only_on(lab, vm_uuid, "h1") and lab.lab.qemu_pids("h2") == []
+        lab.on("h1", "vm", "turn-off", "mr1")
+        lab.on("h1", "vm", "delete", "mr1")
+    finally:
+        lab.on("h1", "switch", "delete", "pvmigsw", check=False)
+    # h2 restarted claiming KVM: it publishes a different accelerator
+    vm_uuid = start_vm(lab, "mr2", "h1")
+    lab.lab.crash_service("h2")
+    lab.lab.start_service("h2", {"PARVISOR_ACCEL": "kvm"})
+    try:
+        lab.wait(lambda: "KVM" in json.dumps(_published(lab, "h2")).upper(), 60,
+                 "h2 to publish its facts with KVM")
+        done = migrate(lab, "h1", "mr2", "--to", "h2", "--json", check=False)
+        result = json.loads(done.stdout)
+        assert result["phase"] == "failed" and "cannot migrate between accelerators" \
+            in result["reason"], result
+        assert only_on(lab, vm_uuid, "h1")
+    finally:
+        lab.lab.crash_service("h2")
+        lab.lab.start_service("h2")
+        lab.wait(lambda: lab.on("h2", "host", "info", check=False).returncode == 0, 60,
+                 "h2's service back")
+    lab.on("h1", "vm", "turn-off", "mr2")
+
+
+def _published(lab: LabUnderTest, host: str) -> dict[str, Any]:
+    item = lab.lab.admin_kv().get(f"/parvisor/{_cluster(lab)}/hosts/{host}")
+    return json.loads(item.value).get("migration", {}) if item else {}
+
+
+def _cluster(lab: LabUnderTest) -> str:
+    from parvisor.lab.lab import CLUSTER
+    return CLUSTER
