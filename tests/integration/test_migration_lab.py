@@ -126,22 +126,24 @@ def finished(proc: subprocess.Popen, timeout: float = 120) -> dict[str, Any]:
 
 
 # --- the guest keeps running --------------------------------------------------------------
-def test_busy_guest_migrates_back_and_forth_without_noticing(lab):
-    vm_uuid = start_vm(lab, "mv1", "h1")
+@pytest.mark.parametrize("rounds", [3, pytest.param(10, marks=pytest.mark.slow)])
+def test_busy_guest_migrates_back_and_forth_without_noticing(lab, rounds):
+    name = f"mv1r{rounds}"
+    vm_uuid = start_vm(lab, name, "h1")
     run(start_workload(agent_on(lab, "h1", vm_uuid), dirty_mib=16))
     lab.wait(lambda: run(counter(agent_on(lab, "h1", vm_uuid))) > 0, 30, "the workload")
     here, uptime = "h1", run(guest_uptime(agent_on(lab, "h1", vm_uuid)))
-    for round_ in range(3):
+    for round_ in range(rounds):
         there = "h2" if here == "h1" else "h1"
         before = run(counter(agent_on(lab, here, vm_uuid)))
-        done = migrate(lab, there, "mv1", "--to", there, "--json")   # asked on either host
+        done = migrate(lab, there, name, "--to", there, "--json")   # asked on either host
         result = json.loads(done.stdout)
         assert result["phase"] == "completed", result
         assert (result["source"], result["destination"]) == (here, there)
         assert result["downtime_ms"] > 0 and result["transferred_bytes"] > 0
         assert result["encrypted"], "the lab runs with migration_tls = true"
         # the destination ran the source's versioned machine type, not its own alias
-        assert (record_of(lab, there, "mv1")["machine_type"] or "").startswith("pc-q35-")
+        assert (record_of(lab, there, name)["machine_type"] or "").startswith("pc-q35-")
         assert result["total_time_ms"] >= result["downtime_ms"]
         lab.wait(lambda: only_on(lab, vm_uuid, there), 20, f"one QEMU, on {there}")
         guest = agent_on(lab, there, vm_uuid)
@@ -152,12 +154,12 @@ def test_busy_guest_migrates_back_and_forth_without_noticing(lab):
         gaps = [gap for count, gap in run(timestamp_gaps(guest)) if count >= before]
         assert max(gaps) <= result["downtime_ms"] + GAP_TOLERANCE_MS, (max(gaps), result)
         for asking in ("h1", "h2"):
-            shown = json.loads(lab.on(asking, "vm", "show", "mv1", "--json").stdout)
+            shown = json.loads(lab.on(asking, "vm", "show", name, "--json").stdout)
             assert (shown["host"], shown["state"]) == (there, "running")
         print(f"round {round_}: {here}->{there} total {result['total_time_ms']} ms, "
               f"downtime {result['downtime_ms']} ms, largest guest gap {max(gaps):.0f} ms")
         here, uptime = there, now
-    lab.on(here, "vm", "turn-off", "mv1")
+    lab.on(here, "vm", "turn-off", name)
 
 
 # --- refusals -------------------------------------------------------------------------------
