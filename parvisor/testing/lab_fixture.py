@@ -8,6 +8,7 @@ every poll of ``wait_vm``: a VM's live QEMU may exist on at most one host.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -15,11 +16,25 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from parvisor.lab import net
 from parvisor.lab.lab import Lab
 from parvisor.testing.host_fixture import PARVISOR
+
+
+@contextlib.contextmanager
+def running_lab(hosts: int = 3, *extra: str) -> Iterator["LabUnderTest"]:
+    """A lab for a test module: its service logs are printed when a test fails, and
+    ``down`` (which proves nothing is left) runs whatever happens."""
+    lab = LabUnderTest(hosts, *extra)
+    try:
+        yield lab
+    except BaseException:
+        print(lab.logs())
+        raise
+    finally:
+        lab.down()
 
 
 class LabUnderTest:

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from parvisor.testing.lab_fixture import LabUnderTest
+from parvisor.testing.lab_fixture import LabUnderTest, running_lab
 
 TTL_S, GRACE_S = 8.0, 1.5
 BOOT_MARGIN_S = 10.0      # etcd re-election + QEMU start + polling on a loaded 2-core box
@@ -26,14 +26,8 @@ pytestmark = pytest.mark.skipif(shutil.which("etcd") is None or shutil.which("ip
 
 @pytest.fixture(scope="module")
 def lab(tiny_image):
-    lab = LabUnderTest(3)
-    try:
+    with running_lab(3) as lab:
         yield lab
-    except BaseException:
-        print(lab.logs())
-        raise
-    finally:
-        lab.down()
 
 
 def _host_of(lab: LabUnderTest, asking: str, name: str) -> str | None:

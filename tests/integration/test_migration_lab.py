@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 
 from parvisor.guest.agent import GuestAgent
-from parvisor.testing.lab_fixture import LabUnderTest, PARVISOR
+from parvisor.testing.lab_fixture import LabUnderTest, running_lab, PARVISOR
 from parvisor.testing.migration_fixtures import (counter, guest_uptime, sh, start_workload,
                                                  timestamp_gaps)
 
@@ -42,14 +42,8 @@ SLOW = "4M"        # --bandwidth that keeps a 128 MiB guest streaming for ~30 s
 
 @pytest.fixture(scope="module")
 def lab(tiny_image):
-    lab = LabUnderTest(2)
-    try:
+    with running_lab(2) as lab:
         yield lab
-    except BaseException:
-        print(lab.logs())
-        raise
-    finally:
-        lab.down()
 
 
 def run(coro: Any) -> Any:
@@ -117,6 +111,21 @@ def holds_for(condition, seconds: float, what: str) -> None:
     while time.monotonic() < until:
         assert condition(), f"no longer true: {what}"
         time.sleep(0.2)
+
+
+def settled(lab: LabUnderTest, result: dict[str, Any], vm_uuid: str, name: str) -> str:
+    """After a migration that was disturbed: either end is allowed by the protocol; what
+    matters is exactly one running copy, where the record says, whose guest answers,
+    and which every host's CLI reports. The host it settled on."""
+    assert result["phase"] in ("failed", "completed"), result
+    host = "h2" if result["phase"] == "completed" else "h1"
+    lab.wait(lambda: only_on(lab, vm_uuid, host), 60, f"{name} only on {host}")
+    lab.wait(lambda: agent_answers(lab, host, vm_uuid), 60, f"{name}'s guest on {host}")
+    for asking in ("h1", "h2"):
+        shown = json.loads(lab.on(asking, "vm", "show", name, "--json").stdout)
+        assert (shown["host"], shown["state"]) == (host, "running"), shown
+    holds_for(lambda: only_on(lab, vm_uuid, host), 3.0, "exactly one copy")
+    return host
 
 
 def finished(proc: subprocess.Popen, timeout: float = 120) -> dict[str, Any]:
@@ -241,15 +250,7 @@ def test_a_service_killed_mid_stream_resolves_to_one_copy(lab, crashed):
     finally:
         if proc.poll() is None:
             proc.kill()
-    # Either end is allowed by the protocol; what matters: exactly one running copy,
-    # where the record says, and the guest answers there.
-    assert result["phase"] in ("failed", "completed"), result
-    host = "h2" if result["phase"] == "completed" else "h1"
-    lab.wait(lambda: only_on(lab, vm_uuid, host), 40, f"{name} only on {host}")
-    lab.wait(lambda: agent_answers(lab, host, vm_uuid), 60, f"{name}'s guest on {host}")
-    shown = json.loads(lab.on("h1", "vm", "show", name, "--json").stdout)
-    assert (shown["host"], shown["state"]) == (host, "running")
-    holds_for(lambda: only_on(lab, vm_uuid, host), 3.0, "exactly one copy")
+    host = settled(lab, result, vm_uuid, name)
     lab.on(host, "vm", "turn-off", name)
 
 
@@ -361,14 +362,7 @@ def test_a_crash_at_each_phase_resolves_to_exactly_one_copy(lab, point, victim):
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert result["phase"] in ("failed", "completed"), result
-    host = "h2" if result["phase"] == "completed" else "h1"
-    lab.wait(lambda: only_on(lab, vm_uuid, host), 60, f"{name} only on {host}")
-    lab.wait(lambda: agent_answers(lab, host, vm_uuid), 60, f"{name}'s guest on {host}")
-    for asking_host in ("h1", "h2"):
-        shown = json.loads(lab.on(asking_host, "vm", "show", name, "--json").stdout)
-        assert (shown["host"], shown["state"]) == (host, "running"), shown
-    holds_for(lambda: only_on(lab, vm_uuid, host), 3.0, "exactly one copy")
+    host = settled(lab, result, vm_uuid, name)
     print(f"{point}: {result['phase']} ({result['reason'] or 'moved'})")
     lab.on(host, "vm", "turn-off", name)
 

@@ -25,7 +25,7 @@ import pytest
 
 from parvisor.errors import GuestAgentError
 from parvisor.guest.agent import GuestAgent
-from parvisor.testing.lab_fixture import LabUnderTest
+from parvisor.testing.lab_fixture import LabUnderTest, running_lab
 
 TTL_S, MARGIN_S, INTERVAL_S, REQUEST_TIMEOUT_S, GRACE_S = 8.0, 2.5, 1.0, 1.0, 1.5
 FENCE_BY_S = TTL_S - MARGIN_S + INTERVAL_S + REQUEST_TIMEOUT_S + 0.5
@@ -38,14 +38,8 @@ pytestmark = [pytest.mark.slow,
 
 @pytest.fixture
 def lab(tiny_image):
-    lab = LabUnderTest(2, *SHAPE)
-    try:
+    with running_lab(2, *SHAPE) as lab:
         yield lab
-    except BaseException:
-        print(lab.logs())
-        raise
-    finally:
-        lab.down()
 
 
 def _agent_answers(lab: LabUnderTest, host: str, vm_uuid: str) -> bool:
