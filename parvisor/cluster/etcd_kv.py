@@ -26,6 +26,9 @@ from parvisor.cluster.env import ClusterUnavailable
 from parvisor.errors import StoreError
 
 
+CONNECT_TIMEOUT_S = 0.3      # TCP connect to an etcd member (a LAN: well under 10 ms)
+
+
 def b64(data: str | bytes) -> str:
     raw = data.encode() if isinstance(data, str) else data
     return base64.b64encode(raw).decode()
@@ -105,9 +108,14 @@ class EtcdKV:
         if tls is not None:
             session.verify = tls.ca
             session.cert = (tls.cert, tls.key)
-        return etcd3gw.Etcd3Client(host=parts.hostname or "127.0.0.1", port=parts.port or 2379,
-                                   protocol=parts.scheme or "http", timeout=timeout_s,
-                                   api_path="/v3/", session=session)
+        client = etcd3gw.Etcd3Client(host=parts.hostname or "127.0.0.1",
+                                     port=parts.port or 2379, protocol=parts.scheme or "http",
+                                     timeout=timeout_s, api_path="/v3/", session=session)
+        # A short connect timeout of its own (requests takes (connect, read)): a dead
+        # member must cost little before the next endpoint is tried, or the agent's
+        # keepalive would sit out its fence margin on one unreachable address.
+        client.timeout = (min(CONNECT_TIMEOUT_S, timeout_s), timeout_s)
+        return client
 
     def call(self, path: str, body: dict) -> dict:
         """POST to the first endpoint that accepts a connection."""
@@ -154,6 +162,19 @@ class EtcdKV:
         """Every key under ``prefix`` (sorted by key) and the revision of the read."""
         return self._range({"key": b64(prefix), "range_end": prefix_end(prefix),
                             "sort_order": "ASCEND", "sort_target": "KEY"})
+
+    def range(self, start: str, end: str, *, revision: int = 0, limit: int = 0,
+              descending: bool = False) -> tuple[list[KeyValue], int]:
+        """Keys in [start, end) sorted by key, at ``revision`` (0: now), at most
+        ``limit`` (0: all); and the revision of the read."""
+        body: dict[str, Any] = {"key": b64(start), "range_end": b64(end),
+                                "sort_order": "DESCEND" if descending else "ASCEND",
+                                "sort_target": "KEY"}
+        if revision:
+            body["revision"] = revision
+        if limit:
+            body["limit"] = limit
+        return self._range(body)
 
     def _range(self, body: dict) -> tuple[list[KeyValue], int]:
         reply = self.call("/kv/range", body)

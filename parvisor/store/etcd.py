@@ -24,6 +24,7 @@ from parvisor.model.vm import VmDefinition, upgrade_definition
 from parvisor.store.base import Event, VmRecord
 
 MAX_CAS_RETRIES = 20      # set_state / append_event retry a lost compare this often
+EVENTS_KEPT = 5000        # the newest events stay in etcd (a VM action writes one or two)
 
 
 @dataclass(frozen=True)
@@ -270,16 +271,24 @@ class EtcdStore:
                                "vm_name": event.vm_name, "vm_uuid": event.vm_uuid,
                                "details": event.details, "timestamp": event.timestamp},
                               default=str, sort_keys=True)
-            ok, _, _ = self.kv.txn([guard], [op_put(k.event_seq, str(seq)),
-                                             op_put(k.event(seq), body)])
+            ops = [op_put(k.event_seq, str(seq)), op_put(k.event(seq), body)]
+            if seq > EVENTS_KEPT:       # a sliding window: the oldest one goes
+                ops.append(op_delete(k.event(seq - EVENTS_KEPT)))
+            ok, _, _ = self.kv.txn([guard], ops)
             if ok:
                 return Event(event.kind, event.message, event.vm_name, event.vm_uuid,
                              event.details, event.timestamp, seq)
         raise StoreError("event counter kept changing; event not recorded")
 
     def list_events(self, vm_name: str | None = None, limit: int = 200) -> list[Event]:
-        # TODO(next session): trim old events (SqliteStore keeps 20000) and page reads.
-        items, _ = self.kv.get_prefix(self.keys.under("event"))
+        if not limit:
+            return []
+        start = self.keys.under("event")
+        end = start[:-1] + "0"
+        # newest first, only as many as asked when not filtering by VM
+        items, _ = self.kv.range(start, end, descending=True,
+                                 limit=limit if vm_name is None else 0)
+        items.reverse()
         events = []
         for item in items:
             doc = json.loads(item.value)

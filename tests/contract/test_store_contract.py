@@ -137,3 +137,20 @@ def test_events_in_order_filtered_and_limited(store):
     assert [e.id for e in events] == sorted(e.id for e in events)
     assert [e.message for e in store.list_events("a")] == ["m1", "m3"]
     assert [e.message for e in store.list_events(limit=2)] == ["m3", "m4"]
+
+
+def test_etcd_keeps_a_window_of_the_newest_events_and_reads_newest_first(etcd, monkeypatch):
+    """The event log must not grow without bound in etcd (every host's agent reads the
+    cluster keys 4x/s; events are left out of that read, and old ones are trimmed)."""
+    import parvisor.store.etcd as etcd_store
+    from parvisor.store.base import Event
+    monkeypatch.setattr(etcd_store, "EVENTS_KEPT", 5)
+    store = EtcdStore(etcd.kv(), f"c{uuid.uuid4().hex[:8]}")
+    for i in range(1, 9):
+        store.append_event(Event("test", f"event {i}", "a" if i % 2 else "b", None, {}))
+    assert [e.message for e in store.list_events(limit=200)] == \
+        [f"event {i}" for i in range(4, 9)]                       # 1-3 trimmed
+    assert [e.message for e in store.list_events(limit=2)] == ["event 7", "event 8"]
+    assert [e.message for e in store.list_events("a")] == ["event 5", "event 7"]
+    items, _ = store.kv.get_prefix(store.keys.under("event"))
+    assert len(items) == 5
