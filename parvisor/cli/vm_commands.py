@@ -32,6 +32,7 @@ def show_vm(vm: dict[str, Any]) -> None:
             ("uptime", f"{vm['uptime_s']:.0f} s" if vm["uptime_s"] is not None else "-"),
             ("ha", (f"yes, priority {vm.get('ha_priority', 'medium')}" if vm["ha"] else "no")
              + (f", {vm['ha_status']}" if vm.get("ha_status") else "")),
+            *([("migration", vm["migration"])] if vm.get("migration") else []),
             ("automatic start", f"{vm['auto_start_action']} (delay {vm['auto_start_delay_s']} s)"),
             ("automatic stop", vm["auto_stop_action"])]
     if vm.get("os_info"):

@@ -64,7 +64,16 @@ class ClusterVmManager(MigrationHostActions, VmManager):
         status, _ = self._cluster_doc("status", record.uuid)
         current = status if status and owner and status["revision"] == revision else None
         return base.model_copy(update={"host": owner["host"] if owner else "-",
-                                       "ha_status": self._ha_status(record, current)})
+                                       "ha_status": self._ha_status(record, current),
+                                       "migration": self._migration_line(record)})
+
+    def _migration_line(self, record: VmRecord) -> str:
+        migration = self.migrations.read(record.uuid) if self.migrations else None
+        if migration is None or migration.terminal:
+            return ""
+        line = f"{migration.source} -> {migration.destination}, {migration.phase}"
+        left = migration.progress.get("ram_remaining")
+        return line + (f" ({left >> 20} MiB of RAM left)" if left else "")
 
     def _ha_status(self, record: VmRecord, status: dict | None) -> str:
         if status and status["phase"] == "error":

@@ -276,6 +276,7 @@ class VmStatus(BaseModel):
     anti_affinity: str | None = None
     preferred_hosts: list[str] = []
     ha_status: str = ""         # cluster: protected / not protected / error, with why
+    migration: str = ""         # cluster: a live migration in flight ("h1 -> h2, performing")
     auto_start_action: AutoStartAction
     auto_start_delay_s: int
     auto_stop_action: AutoStopAction

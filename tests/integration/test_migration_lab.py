@@ -215,6 +215,8 @@ def test_destination_qemu_killed_mid_stream_leaves_the_source_running(lab):
     proc = start_migration(lab, "h2", "mv3", "--to", "h2", "--bandwidth", SLOW)
     try:
         lab.wait(lambda: streaming(lab, "h1", "mv3"), 40, "the migration to stream")
+        shown = json.loads(lab.on("h2", "vm", "show", "mv3", "--json").stdout)
+        assert shown["migration"].startswith("h1 -> h2, performing"), shown["migration"]
         incoming = lab.lab.qemu_pids("h2")
         assert len(incoming) == 1
         subprocess.run(["kill", "-9", str(incoming[0])], check=True)
