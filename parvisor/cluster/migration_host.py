@@ -105,17 +105,22 @@ class MigrationHostActions:
 
     async def drop_incoming(self, vm_uuid: str, process: QemuProcess | None,
                             dest_disks: dict[str, str]) -> None:
-        """An aborted migration: quit the incoming copy (never the owner's), unplug its
-        taps, remove the disk files made for it."""
+        """An aborted migration: quit the incoming copy, unplug its taps, remove the disk
+        files made for it. When the VM is this host's meanwhile (e.g. it failed over
+        here later), only the incoming process we hold and the new files go: the QEMU
+        the runtime watches and its taps are the VM's own."""
         from parvisor.migration import engine
+        owner, _ = self._cluster_doc("owner", vm_uuid)
+        here = self.migrations.host if self.migrations is not None else self.config.host_name
+        ours = owner is not None and owner.get("host") == here
         runtime = self.runtimes.get(vm_uuid)
-        if process is None and runtime is not None and runtime.process is not None:
-            # this service restarted: the adopted copy is an incoming one only if the
-            # VM is not ours (the coordinator asks only then)
-            process = runtime.process
-            runtime.expecting_exit = True
-        if process is None:
-            process = await QemuProcess.adopt(self.paths(vm_uuid), vm_uuid)
+        if process is None and not ours:
+            if runtime is not None and runtime.process is not None:
+                # this service restarted and adopted the incoming copy as the VM's
+                process = runtime.process
+                runtime.expecting_exit = True
+            else:
+                process = await QemuProcess.adopt(self.paths(vm_uuid), vm_uuid)
         if process is not None:
             try:
                 await engine.abort_incoming(process)
@@ -125,8 +130,8 @@ class MigrationHostActions:
         if runtime is not None and runtime.process is process and process is not None:
             runtime.cancel_watchers()
             runtime.process = None
-        record = self.store.get_vm_by_uuid(vm_uuid)
-        await self._unplug_nics(record)
+        if not ours:
+            await self._unplug_nics(self.store.get_vm_by_uuid(vm_uuid))
         remove_files(dest_disks)
 
     # --- source ---------------------------------------------------------------------
