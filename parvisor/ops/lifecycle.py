@@ -195,8 +195,10 @@ class LifecycleActions:
         record = self.set_state(record, S.SAVING)
         runtime.expecting_exit = True
         progress = (lambda fraction: job.report(fraction, "saving memory")) if job else None
+        state = self.paths(record.uuid).saved_state
+        state.parent.mkdir(parents=True, exist_ok=True)   # a cluster's is on shared storage
         try:
-            await runtime.process.save(self.paths(record.uuid).saved_state, progress)
+            await runtime.process.save(state, progress)
         except ParvisorError as exc:
             runtime.expecting_exit = False
             self.set_state(record, before, f"save failed: {exc.message}")

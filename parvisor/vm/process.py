@@ -317,7 +317,6 @@ class QemuProcess:
         is then resumed if it was running.
         """
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         was_running = (await self.query_status()).running
         if was_running:
             await self.pause()
