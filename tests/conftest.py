@@ -7,6 +7,7 @@ import pytest
 
 from parvisor.testing.guest_fixtures import tiny_image_for_tests
 from parvisor.testing.host_fixture import HostUnderTest
+from parvisor.testing.migration_fixtures import QemuSet
 
 
 @pytest.fixture(scope="session")
@@ -28,3 +29,13 @@ def stopped_host(tiny_image):
     host = HostUnderTest()
     yield host
     host.close()
+
+
+@pytest.fixture
+async def qemus():
+    """Two QEMUs of one VM for the migration engine tests, stopped by PID afterwards."""
+    qset = QemuSet()
+    try:
+        yield qset
+    finally:
+        await qset.close()

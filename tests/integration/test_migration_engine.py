@@ -47,15 +47,6 @@ GAP_TOLERANCE_MS = 600.0
 SWITCH_WINDOW_S = 0.15
 
 
-@pytest.fixture
-async def qemus():
-    qset = QemuSet()
-    try:
-        yield qset
-    finally:
-        await qset.close()
-
-
 async def test_migrates_a_busy_guest_and_it_keeps_running(tiny_image, qemus: QemuSet) -> None:
     definition = tiny_definition(tiny_image)
     source, agent = await qemus.boot(definition)

@@ -29,15 +29,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.qemu]
 HOST = "127.0.0.1"
 
 
-@pytest.fixture
-async def qemus():
-    qset = QemuSet()
-    try:
-        yield qset
-    finally:
-        await qset.close()
-
-
 async def test_ten_migrations_back_and_forth(tiny_image, qemus: QemuSet) -> None:
     definition = tiny_definition(tiny_image)
     holder, agent = await qemus.boot(definition)
