@@ -155,7 +155,7 @@ EOT
 
 run_tests() {
   install_all
-  local args=(-q -p no:cacheprovider)
+  local args=(-q -p no:cacheprovider --durations=25)   # the slowest tests, for the CI budget
   if [ "${1:-}" = "--slow" ]; then args+=(-m "slow or not slow"); else args+=(-m "not slow"); fi
   say "running the tests"
   set +e
