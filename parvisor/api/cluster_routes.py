@@ -9,7 +9,7 @@ from typing import Any
 from fastapi import FastAPI
 from pydantic import Field
 
-from parvisor.errors import StateError
+from parvisor.errors import Refused
 from parvisor.ops.requests import Request
 
 
@@ -21,9 +21,17 @@ class CpuBaseline(Request):
 PREFIX = "/v1/cluster"
 
 
+class NotAClusterMember(Refused):
+    """A cluster-only route on a standalone host (409; nothing changed)."""
+
+    code = "not_a_cluster_member"
+    http_status = 409
+
+
 def _runtime(service: Any) -> Any:
     if getattr(service, "cluster", None) is None:
-        raise StateError("this host is not a cluster member (see parvisor cluster create)")
+        raise NotAClusterMember("this host is not a cluster member "
+                                "(see parvisor cluster create)")
     return service.cluster
 
 

@@ -12,7 +12,7 @@ from typing import Any
 from fastapi import FastAPI
 from pydantic import Field, field_validator
 
-from parvisor.errors import StateError
+from parvisor.api.cluster_routes import NotAClusterMember
 from parvisor.migration.protocol import MigrationOptions
 from parvisor.model.vm import validate_name
 from parvisor.ops.requests import Request, _size
@@ -52,8 +52,9 @@ class MigrateVm(Request):
 def _coordinator(service: Any) -> Any:
     coordinator = getattr(service.vms, "migrations", None)
     if coordinator is None:
-        raise StateError("this host is not a cluster member: live migration moves VMs "
-                         "between cluster hosts (see parvisor cluster create)")
+        raise NotAClusterMember("this host is not a cluster member: live migration "
+                                "moves VMs between cluster hosts (see parvisor cluster "
+                                "create)")
     return coordinator
 
 

@@ -25,7 +25,8 @@ from parvisor.web.guard import CSRF_COOKIE, SESSION_COOKIE
 STATIC_DIR = Path(__file__).with_name("static")
 # web/ at the top of the checkout: ``./setup.sh install`` runs ``npm ci`` there
 VENDOR_DIR = Path(__file__).resolve().parents[2] / "web" / "node_modules"
-PAGES = ("/ui/", "/ui/create", "/ui/jobs", "/ui/events", "/ui/vms/{name}")
+PAGES = ("/ui/", "/ui/create", "/ui/jobs", "/ui/events", "/ui/vms/{name}", "/ui/cluster",
+         "/ui/switches", "/ui/disks")
 STREAM_TICK_S = 0.25           # how often a stream looks for changes (update latency)
 STREAM_EVENTS = 50
 
@@ -38,7 +39,7 @@ class Login(BaseModel):
 
 
 def install_console_routes(app: FastAPI, service: Any, auth: Authenticator) -> None:
-    _session_routes(app, auth, secure=bool(service.config.tls_cert))
+    _session_routes(app, auth, secure=bool(service.config.tls_cert), service=service)
     _page_routes(app)
 
     @app.get("/ui/api/stream", include_in_schema=False)
@@ -47,7 +48,8 @@ def install_console_routes(app: FastAPI, service: Any, auth: Authenticator) -> N
                                  headers={"cache-control": "no-store"})
 
 
-def _session_routes(app: FastAPI, auth: Authenticator, *, secure: bool) -> None:
+def _session_routes(app: FastAPI, auth: Authenticator, *, secure: bool,
+                    service: Any) -> None:
     @app.post("/ui/api/login", include_in_schema=False)
     def login(body: Login) -> JSONResponse:
         # JSON only: a cross-site HTML form cannot post application/json (login CSRF)
@@ -68,7 +70,17 @@ def _session_routes(app: FastAPI, auth: Authenticator, *, secure: bool) -> None:
     def who(request: Request) -> dict[str, Any]:
         user, role = request.state.principal
         session = auth.session(request.cookies.get(SESSION_COOKIE))
-        return {"user": user, "role": role.value, "csrf": session.csrf if session else ""}
+        return {"user": user, "role": role.value, "csrf": session.csrf if session else "",
+                **where(service)}
+
+
+def where(service: Any) -> dict[str, Any]:
+    """This host's name and its cluster's (None: standalone). Pages show cluster-only
+    parts (cluster page, migration) only when the host is a cluster member."""
+    cluster = getattr(service, "cluster", None)
+    if cluster is None:
+        return {"host": service.config.host_name, "cluster": None}
+    return {"host": cluster.settings.host, "cluster": cluster.settings.name}
 
 
 def _session_view(session: Session) -> dict[str, Any]:
