@@ -87,15 +87,31 @@ def nic_remove(name: str, nic_id: str, as_json: bool = JsonOpt) -> None:
 def disk_add(name: str,
              size: Optional[str] = typer.Option(None, "--size", help="New empty disk, e.g. 1G."),
              path: Optional[str] = typer.Option(None, "--path", help="Existing image."),
-             bus: str = typer.Option("virtio-blk", "--bus", help="virtio-blk or virtio-scsi."),
+             bus: Optional[str] = typer.Option(
+                 None, "--bus", help="virtio-blk (default) or virtio-scsi (--shared: "
+                                     "virtio-scsi)."),
              fmt: Optional[str] = typer.Option(None, "--format", help="qcow2 or raw."),
              readonly: bool = typer.Option(False, "--readonly"),
+             shared: Optional[str] = typer.Option(
+                 None, "--shared", metavar="PATH",
+                 help="Existing raw image written by several VMs at once (guest "
+                      "clustering; virtio-scsi, share-rw, cache=none)."),
              as_json: bool = JsonOpt) -> None:
-    """Add a disk (hot-plugged when the VM runs); --size disks belong to the VM."""
-    body = {"size": size, "path": path, "bus": bus, "format": fmt, "readonly": readonly}
+    """Add a disk (hot-plugged when the VM runs); --size disks belong to the VM;
+    --shared PATH disks belong to no VM (make one with 'disk create PATH --size S
+    --format raw', then add it to each VM of the guest cluster)."""
+    body: dict[str, Any] = {"size": size, "path": path, "format": fmt,
+                            "readonly": readonly}
+    if bus is not None:
+        body["bus"] = bus
+    if shared is not None:
+        if path is not None:
+            raise typer.BadParameter("give the image either as --path or as --shared PATH")
+        body.update(path=shared, shared=True)
     result = client().post(f"/vms/{name}/disks", {k: v for k, v in body.items() if v is not None})
     emit(result, as_json, lambda r: out.print(
-        f"{name}: added {r['disk']['id']} ({r['disk']['path']})", markup=False))
+        f"{name}: added {r['disk']['id']} ({r['disk']['path']}"
+        f"{', shared' if r['disk'].get('shared') else ''})", markup=False))
 
 
 @vm_disk_app.command("remove")

@@ -40,7 +40,8 @@ def show_vm(vm: dict[str, Any]) -> None:
     for disk in vm["disks"]:
         size = format_size(disk["size_bytes"]) if disk.get("size_bytes") else "?"
         rows.append((f"{'cd' if disk.get('media') == 'cdrom' else 'disk'} {disk['id']}",
-                     f"{disk['path'] or '(empty)'} ({disk['format']}, {disk['bus']}, {size})"))
+                     f"{disk['path'] or '(empty)'} ({disk['format']}, {disk['bus']}, {size}"
+                     f"{', shared' if disk.get('shared') else ''})"))
     for nic in vm["nics"]:
         vlan = f" vlan {nic['vlan']}" if nic.get("vlan") else ""
         rows.append((f"nic {nic['id']}", f"{nic['switch']}{vlan} {nic['mac']} {nic['model']}"))

@@ -46,11 +46,23 @@ def refusals(coordinator: Any, vm: Any, record: Any) -> list[str]:
     runtime = vms.runtimes.get(vm.uuid)
     memory = (runtime.memory_current_bytes if runtime and runtime.memory_current_bytes
               else vm.definition.memory_bytes)
-    return check_migration(
+    return shared_disk_refusals(vm.definition, record.options.with_storage) + check_migration(
         vm.definition, vm_memory_bytes=memory, source=source, dest=dest,
         dest_name=record.destination, cpu_baseline=running_cpu_model(runtime),
         with_storage=record.options.with_storage,
         disk_paths=_disk_files(vm.definition, vms.config.storage_roots))
+
+
+def shared_disk_refusals(definition: Any, with_storage: bool) -> list[str]:
+    """Shared-nothing migration copies disks to the destination: a shared disk copied
+    while the guest cluster's other VMs write it would fork it in two. Live and quick
+    migration keep it where it is (shared storage) and are fine."""
+    shared = [d.id for d in definition.disks if d.shared]
+    if with_storage and shared:
+        return [f"shared disk(s) {', '.join(shared)} (guest clustering) cannot move with "
+                "--with-storage: the other VMs keep writing them; migrate without "
+                "--with-storage (they are on shared storage)"]
+    return []
 
 
 def source_machine_type(coordinator: Any, vm: Any) -> str | None:

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from parvisor.model.sizes import parse_size
 from parvisor.model.states import VmState
 
-DEFINITION_VERSION = 5
+DEFINITION_VERSION = 6
 MAX_VCPUS = 64                 # q35 + our argv; later issues may raise it
 MIN_MEMORY = 32 << 20          # below this no Linux kernel gets to userspace
 MAX_MEMORY = 1 << 40
@@ -77,9 +77,14 @@ class DiskSpec(Strict):
     # True: parvisor created this file for this VM (vm create --disk-size) and deletes it
     # with the VM; user-supplied disks and shared bases are never deleted.
     owned: bool = False
+    # A guest-cluster disk: several VMs write it at once (scsi-hd share-rw=on, no host
+    # cache). Never owned: it outlives every VM that uses it (docs/cluster.md).
+    shared: bool = False
 
     @model_validator(mode="after")
     def _media(self) -> "DiskSpec":
+        if self.shared:
+            _check_shared(self)
         if self.media == "disk" and not self.path:
             raise ValueError(f"disk {self.id}: a disk needs a path")
         if self.media == "disk" and self.readonly and self.bus in ("ide", "ahci"):
@@ -89,6 +94,24 @@ class DiskSpec(Strict):
             raise ValueError(f"disk {self.id}: a CD/DVD drive sits on ide, ahci or "
                              "virtio-scsi")
         return self
+
+
+def _check_shared(disk: DiskSpec) -> None:
+    """What a disk written by several QEMUs at once must be; anything else corrupts it."""
+    if disk.media != "disk":
+        raise ValueError(f"disk {disk.id}: only disks can be shared, not CD/DVD drives")
+    if disk.format != "raw":
+        raise ValueError(f"disk {disk.id}: a shared disk must be raw: qcow2 metadata "
+                         "(allocation tables, refcounts) cannot be written by two QEMUs at "
+                         "once (convert with 'parvisor disk convert --format raw')")
+    if disk.bus != "virtio-scsi":
+        raise ValueError(f"disk {disk.id}: a shared disk sits on the virtio-scsi bus "
+                         "(scsi-hd with shared write access)")
+    if disk.readonly:
+        raise ValueError(f"disk {disk.id}: a shared disk is written by its VMs; a "
+                         "read-only disk needs no sharing (leave out --shared)")
+    if disk.owned:
+        raise ValueError(f"disk {disk.id}: a shared disk belongs to no single VM")
 
 
 class NicSpec(Strict):
@@ -315,7 +338,13 @@ def _v4_to_v5(data: dict[str, Any]) -> dict[str, Any]:
             "preferred_hosts": [], "schema_version": 5}
 
 
-_UPGRADES = {1: _v1_to_v2, 2: _v2_to_v3, 3: _v3_to_v4, 4: _v4_to_v5}
+def _v5_to_v6(data: dict[str, Any]) -> dict[str, Any]:
+    # v6 added shared disks (guest clustering); no v5 disk was one. The version moves so
+    # that an older parvisor refuses a v6 VM instead of starting it without share-rw.
+    return {**data, "schema_version": 6}
+
+
+_UPGRADES = {1: _v1_to_v2, 2: _v2_to_v3, 3: _v3_to_v4, 4: _v4_to_v5, 5: _v5_to_v6}
 
 
 def upgrade_definition(data: dict[str, Any]) -> dict[str, Any]:

@@ -48,6 +48,15 @@ def snapshot_disks(definition: VmDefinition) -> list[DiskSpec]:
     """The disks a checkpoint covers: every writable disk (CDs and read-only disks
     cannot change, so they need no snapshot). All must be qcow2."""
     disks = [d for d in definition.disks if d.media == "disk" and not d.readonly and d.path]
+    shared = [d.id for d in disks if d.shared]
+    if shared:
+        # refused, not left out: applying such a checkpoint would bring this node back
+        # to a past while the shared disk stays in the present (Hyper-V 2012 R2 too)
+        raise InvalidInput(f"VM '{definition.name}' has shared disk(s) {', '.join(shared)} "
+                           "(guest clustering): checkpoints are refused, since the other "
+                           "VMs keep writing it; remove the shared disk first, or back it "
+                           "up from inside the guest cluster", vm=definition.name,
+                           disks=shared)
     raw = [d.id for d in disks if d.format != "qcow2"]
     if raw:
         raise InvalidInput(f"VM '{definition.name}': checkpoints need qcow2 disks; "

@@ -23,6 +23,7 @@ from parvisor.model.states import VmState
 from parvisor.model.vm import DiskSpec, VmDefinition
 from parvisor.ops.copy_requests import CloneVm
 from parvisor.ops.disks import vm_disk_dir
+from parvisor.ops.export import refuse_shared_disks
 from parvisor.ops.jobs import Job
 from parvisor.ops.nics import macs_in_use
 from parvisor.ops.vm_copies import PlacedFiles, copy_file, fresh_identity, placed_files
@@ -87,6 +88,7 @@ class CloneManager:
         if record.state not in CLONE_STATES:
             raise StateError("clone", record.state.value, [s.value for s in CLONE_STATES],
                              vm=record.name)
+        refuse_shared_disks("clone", record.definition)
         try:
             self.store.get_vm(new_name)
         except NotFound:

@@ -45,6 +45,18 @@ EXPORT_STATES = (S.OFF, S.CRASHED)
 
 
 # --- export ----------------------------------------------------------------------------
+def refuse_shared_disks(action: str, definition: VmDefinition) -> None:
+    """A shared disk is written by the guest cluster's other VMs while this one is off:
+    a copy of it is no consistent point, and an import would split the cluster's disk
+    in two. Export and clone refuse instead of copying it silently."""
+    shared = [d.id for d in definition.disks if d.shared]
+    if shared:
+        raise InvalidInput(f"VM '{definition.name}' has shared disk(s) {', '.join(shared)} "
+                           f"(guest clustering): {action} would copy a disk other VMs keep "
+                           "writing; remove it from this VM first (vm disk remove) and "
+                           "add it back afterwards", vm=definition.name, disks=shared)
+
+
 def check_export_dir(directory: str) -> Path:
     target = Path(directory)
     if not target.is_absolute():
@@ -168,6 +180,7 @@ class ExportManager:
         if record.state not in EXPORT_STATES:
             raise StateError("export", record.state.value, [s.value for s in EXPORT_STATES],
                              vm=name)
+        refuse_shared_disks("export", record.definition)
         target = check_export_dir(request.directory)
         runtime = self.vms.runtime(record.uuid)
         if runtime.lock.locked():

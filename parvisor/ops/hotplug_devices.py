@@ -21,7 +21,8 @@ from parvisor.errors import QmpError, VmError
 from parvisor.model.vm import DiskSpec, NicSpec
 from parvisor.ops.hotplug_plan import CpuSlot, Dimm, parse_cpu_slots, parse_dimms
 from parvisor.vm.argv import (BALLOON_ID, SCSI_CONTROLLER_ID, VIRTIO_MEM_ID, disk_device_id,
-                              disk_node_names, netdev_id, nic_device_id, tap_name)
+                              disk_node_names, netdev_id, nic_device_id, shared_disk_props,
+                              tap_name)
 
 UNPLUG_TIMEOUT_S = 10.0
 TUNSETIFF = 0x400454CA
@@ -242,7 +243,9 @@ async def add_disk(process: Any, disk: DiskSpec, port: str | None, direct_io: bo
 def _disk_device(disk: DiskSpec, port: str | None) -> dict[str, Any]:
     common = {"id": disk_device_id(disk), "drive": disk_node_names(disk)[1]}
     if disk.bus == "virtio-scsi":
-        return {"driver": "scsi-hd", "bus": f"{SCSI_CONTROLLER_ID}.0", **common}
+        shared = {key: value == "on" if key == "share-rw" else value
+                  for key, value in shared_disk_props(disk).items()}
+        return {"driver": "scsi-hd", "bus": f"{SCSI_CONTROLLER_ID}.0", **common, **shared}
     return {"driver": "virtio-blk-pci", "bus": port, **common}
 
 

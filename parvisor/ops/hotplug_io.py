@@ -24,6 +24,7 @@ from typing import Any
 
 from parvisor.errors import InvalidInput, NotFound, StateError
 from parvisor.model.states import ACTIVE_STATES, VmState, check_action
+from parvisor.model.validation import validate_model
 from parvisor.model.vm import DiskBoot, DiskSpec, NicSpec
 from parvisor.ops import hotplug_devices as qmp_dev
 from parvisor.ops.disks import _give_to, vm_disk_dir
@@ -64,6 +65,13 @@ class HotplugIo:
         runtime = self.vms.runtime(record.uuid)
         async with runtime.exclusive(operation, name):
             record, running = self._lookup(name)        # may have changed meanwhile
+            if running and runtime.process is None:
+                # a cluster VM running on another host: changing only its definition
+                # here would leave the running VM and the definition disagreeing
+                host = self.vms.show(name).host
+                raise StateError(f"VM '{name}' runs on host {host}, not here: change its "
+                                 "devices on that host (or while it is off)",
+                                 vm=name, host=host)
             result = await work(record, runtime.process if running else None)
         return {"vm": self.vms.show(name).model_dump(mode="json"), **result}
 
@@ -122,6 +130,10 @@ class HotplugIo:
 
     # --- disks ------------------------------------------------------------------------------------
     async def add_disk(self, name: str, request: AddDisk) -> dict[str, Any]:
+        if request.shared and request.path is None:
+            raise InvalidInput("a shared disk is an existing raw image: create it first "
+                               "('parvisor disk create PATH --size SIZE --format raw'), "
+                               "then add it to each VM with --shared PATH")
         if (request.size is None) == (request.path is None):
             raise InvalidInput("give exactly one of --size (a new disk) or --path (an "
                                "existing image)")
@@ -153,15 +165,52 @@ class HotplugIo:
                             owned=True)
         path = require_file(resolve_in_roots(request.path, roots), what="disk")
         fmt = request.format or files.format_of(path, roots)
+        bus = request.bus
+        if request.shared and "bus" not in request.model_fields_set:
+            bus = "virtio-scsi"             # the only bus a shared disk can sit on
+        spec = validate_model(DiskSpec, {"id": disk_id, "path": str(path), "format": fmt,
+                                         "bus": bus, "readonly": request.readonly,
+                                         "shared": request.shared})
         files.validated_chain(path, fmt, roots)
-        users = [r.name for r in self.vms.store.list_vms()
-                 if any(x.path == str(path) for x in r.definition.disks)]
-        if users:
-            raise InvalidInput(f"{path} is already used by VM(s) {', '.join(users)}",
-                               path=str(path), vms=users)
+        self._check_users(record, spec)
+        if spec.shared:
+            self._check_shareable(path)
         self._check_qemu_access(path, request.readonly)
-        return DiskSpec(id=disk_id, path=str(path), format=fmt, bus=request.bus,
-                        readonly=request.readonly)
+        return spec
+
+    def _check_users(self, record: VmRecord, disk: DiskSpec) -> None:
+        """A file is one VM's, or shared by VMs that all attached it as shared."""
+        uses = [(r.name, x.shared) for r in self.vms.store.list_vms()
+                for x in r.definition.disks if x.path == disk.path]
+        users = sorted({vm for vm, _ in uses})
+        if record.name in users:
+            raise InvalidInput(f"VM '{record.name}' already has {disk.path}",
+                               path=disk.path, vm=record.name)
+        if not uses or (disk.shared and all(shared for _, shared in uses)):
+            return
+        if disk.shared:
+            raise InvalidInput(f"{disk.path} is a plain (not shared) disk of VM(s) "
+                               f"{', '.join(users)}: a second writer would corrupt it",
+                               path=disk.path, vms=users)
+        hint = (" as a shared disk: add it with --shared"
+                if all(shared for _, shared in uses) else "")
+        raise InvalidInput(f"{disk.path} is already used by VM(s) {', '.join(users)}{hint}",
+                           path=disk.path, vms=users)
+
+    def _check_shareable(self, path: Path) -> None:
+        """Where a shared disk may live: on storage every node can reach without a host
+        page cache in between (and, in a cluster, on the cluster's shared storage)."""
+        cluster_root = getattr(self.vms, "shared_storage", None)
+        if cluster_root is not None and not path.resolve().is_relative_to(
+                Path(cluster_root).resolve()):
+            raise InvalidInput(f"{path} is not on the cluster's shared storage "
+                               f"({cluster_root}): other hosts could not open it, and "
+                               "recovery could not bring the VMs elsewhere", path=str(path),
+                               shared_storage=str(cluster_root))
+        if not files.supports_direct_io(path):
+            raise InvalidInput(f"the file system under {path} does not support O_DIRECT: "
+                               "a shared disk needs cache=none (no host page cache "
+                               "between the VMs)", path=str(path))
 
     def _create_file(self, disk: DiskSpec, request: AddDisk) -> Path:
         target = Path(disk.path)
@@ -197,7 +246,7 @@ class HotplugIo:
             # The controller comes on demand and stays (at the next start argv adds it)
             await qmp_dev.add_scsi_controller(process, free_root_port(
                 await qmp_dev.pci_devices(process)))
-        direct = files.supports_direct_io(disk.path)
+        direct = disk.shared or files.supports_direct_io(disk.path)
         await qmp_dev.add_disk(process, disk, port, direct)
 
     async def remove_disk(self, name: str, disk_id: str) -> dict[str, Any]:

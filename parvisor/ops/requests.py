@@ -150,6 +150,7 @@ class AddDisk(Request):
     bus: Literal["virtio-blk", "virtio-scsi"] = "virtio-blk"
     format: Literal["qcow2", "raw"] | None = None
     readonly: bool = False
+    shared: bool = False        # guest clustering: several VMs write it (raw, virtio-scsi)
 
     @field_validator("size", mode="before")
     @classmethod

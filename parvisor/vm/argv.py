@@ -83,6 +83,26 @@ def disk_device_id(disk: DiskSpec) -> str:
     return f"disk-{_safe_id(disk.id)}"
 
 
+def shared_disk_serial(disk: DiskSpec) -> str:
+    """The SCSI serial of a shared disk: derived from its file, so every VM of a guest
+    cluster sees the same disk identity (VPD pages 0x80/0x83; cluster software and
+    /dev/disk/by-id match nodes' disks by it). 23 characters (scsi-hd allows 36)."""
+    assert disk.path is not None
+    return "pvshared-" + hashlib.sha256(disk.path.encode()).hexdigest()[:14]
+
+
+def shared_disk_props(disk: DiskSpec) -> dict[str, str]:
+    """Extra scsi-hd properties of a shared disk (argv and hot-add use the same).
+
+    share-rw=on: the device does not ask for exclusive write access, so QEMU's image
+    locking lets every QEMU whose device also says share-rw open the file for writing,
+    and still refuses a QEMU that would open it without (a plain disk of the same file).
+    """
+    if not disk.shared:
+        return {}
+    return {"share-rw": "on", "serial": shared_disk_serial(disk)}
+
+
 def netdev_id(nic: NicSpec) -> str:
     return f"net-{_safe_id(nic.id)}"
 
@@ -252,7 +272,8 @@ def disk_device_args(disk: DiskSpec, *, ide_port: int | None, bootindex: int | N
     if disk.bus == "virtio-blk":
         return ["-device", f"virtio-blk-pci,{common}"]
     if disk.bus == "virtio-scsi":
-        return ["-device", f"scsi-hd,bus=scsi0.0,{common}"]
+        extra = "".join(f",{key}={value}" for key, value in shared_disk_props(disk).items())
+        return ["-device", f"scsi-hd,bus=scsi0.0,{common}{extra}"]
     # "ide" and "ahci" both sit on q35's built-in ICH9 AHCI controller. QEMU refuses a
     # read-only node under ide-hd ("Block node is read-only"); say so before launch.
     if disk.readonly:
@@ -289,7 +310,11 @@ def disks_args(spec: LaunchSpec) -> list[str]:
                 raise ValueError(f"at most {AHCI_PORTS} ide/ahci disks are supported")
             port, ide_port = ide_port, ide_port + 1
         if disk.path is not None:
-            args += disk_blockdev_args(disk, direct_io=disk.id not in spec.buffered_disks)
+            # a shared disk is always cache=none: a host page cache would hold writes
+            # and stale reads between the cluster's nodes (refused at add where
+            # O_DIRECT fails)
+            direct = disk.shared or disk.id not in spec.buffered_disks
+            args += disk_blockdev_args(disk, direct_io=direct)
         args += disk_device_args(disk, ide_port=port, bootindex=bootindex.get(disk.id))
     return args
 

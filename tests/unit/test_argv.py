@@ -277,3 +277,11 @@ def test_an_incoming_migration_runs_the_sources_versioned_machine_type():
     # the version replaces the alias; the machine's options stay
     assert pinned[pinned.index("-machine") + 1] == ",".join(
         ["pc-q35-7.2", *plain[plain.index("-machine") + 1].split(",")[1:]])
+
+def test_golden_shared_disk_next_to_a_plain_scsi_disk() -> None:
+    # guest clustering: share-rw=on, a serial derived from the file, always cache=none
+    vm = definition(disks=[
+        {"id": "data", "path": "/var/lib/parvisor/d.qcow2", "bus": "virtio-scsi"},
+        {"id": "quorum", "path": "/cluster/shared/quorum.raw", "format": "raw",
+         "bus": "virtio-scsi", "shared": True}])
+    check_golden("tcg_shared_disk", build_argv(spec(vm, buffered_disks=frozenset({"quorum"}))))
