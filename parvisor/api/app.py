@@ -29,6 +29,8 @@ from parvisor.api.checkpoint_routes import install_checkpoint_routes
 from parvisor.web import install_web
 from parvisor.api.cluster_routes import install_cluster_routes
 from parvisor.api.migration_routes import install_migration_routes
+from parvisor.api.vnc_routes import install_vnc_routes
+from parvisor.web.guard import WebSocketTokenGuard
 from parvisor.api.inventory_routes import install_inventory_routes
 
 API_PREFIX = "/v1"
@@ -54,6 +56,7 @@ def create_app(service: Any, *, tokens: tuple[str, ...] | None = None,
     install_checkpoint_routes(app, service)   # checkpoints, clone, export/import
     install_cluster_routes(app, service)      # cluster status, host drain/resume
     install_migration_routes(app, service)    # live migration between cluster hosts
+    install_vnc_routes(app, service)          # WS /v1/vms/NAME/display (graphical console)
     install_inventory_routes(app, service)    # read-only: VM counters, disk listing
     install_web(app, service, console=console)   # /metrics; pages + sessions if console
     return app
@@ -87,6 +90,9 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 
 def _install_token_auth(app: FastAPI, tokens: tuple[str, ...]) -> None:
+    # an "http" middleware never sees WebSockets (the consoles): they get their own gate
+    app.add_middleware(WebSocketTokenGuard, tokens=tokens)
+
     @app.middleware("http")
     async def require_token(request: Request, call_next):
         given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()

@@ -11,11 +11,16 @@ around it. Rules, in order:
    redirect to the login page (page requests);
 4. a change (any method but GET/HEAD/OPTIONS) over a cookie session must carry the
    session's CSRF token in ``X-CSRF-Token``; WebSockets must come from our own origin;
-5. a viewer may not change anything (403), nor type into a VM's console.
+5. a viewer may not change anything (403), nor use a VM's serial or graphical
+   console (every WebSocket needs an administrator).
+
+``WebSocketTokenGuard`` is the token listener's counterpart for WebSockets, which its
+HTTP middleware (``parvisor.api.app``) never sees.
 """
 
 from __future__ import annotations
 
+import hmac
 import json
 from http.cookies import SimpleCookie
 from typing import Any, Awaitable, Callable
@@ -100,6 +105,27 @@ class ConsoleGuard:
         code = 4401 if role is None else 4403
         await send({"type": "websocket.close", "code": code,
                     "reason": "log in as an administrator to use the console"})
+
+
+class WebSocketTokenGuard:
+    """On the TCP API listener: a WebSocket (serial or graphical console) needs
+    ``Authorization: Bearer <api token>`` like every HTTP request there."""
+
+    def __init__(self, app: Callable, tokens: tuple[str, ...]) -> None:
+        self.app = app
+        self.tokens = tokens
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "websocket" or self._valid(_headers(scope)):
+            return await self.app(scope, receive, send)
+        await receive()                       # the websocket.connect message
+        await send({"type": "websocket.close", "code": 4401,
+                    "reason": "a valid API token is required"})
+
+    def _valid(self, headers: dict[str, str]) -> bool:
+        given = headers.get("authorization", "").removeprefix("Bearer ").strip()
+        return bool(given) and any(hmac.compare_digest(given.encode(), t.encode())
+                                   for t in self.tokens)
 
 
 def _headers(scope: Scope) -> dict[str, str]:

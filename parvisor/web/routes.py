@@ -27,6 +27,7 @@ STATIC_DIR = Path(__file__).with_name("static")
 VENDOR_DIR = Path(__file__).resolve().parents[2] / "web" / "node_modules"
 PAGES = ("/ui/", "/ui/create", "/ui/jobs", "/ui/events", "/ui/vms/{name}", "/ui/cluster",
          "/ui/switches", "/ui/disks")
+DISPLAY_PAGE = "/ui/vms/{name}/display"
 STREAM_TICK_S = 0.25           # how often a stream looks for changes (update latency)
 STREAM_EVENTS = 50
 
@@ -107,6 +108,9 @@ def _page_routes(app: FastAPI) -> None:
     for path in PAGES:   # one shell; app.js draws the page named by the URL
         app.add_api_route(path, lambda: FileResponse(shell), methods=["GET"],
                           include_in_schema=False)
+    # the graphical console is a page of its own: noVNC (ES modules), not the shell
+    app.add_api_route(DISPLAY_PAGE, lambda: FileResponse(STATIC_DIR / "display.html"),
+                      methods=["GET"], include_in_schema=False)
     app.mount("/ui/static", StaticFiles(directory=STATIC_DIR), name="console-static")
     app.mount("/ui/vendor", StaticFiles(directory=VENDOR_DIR, check_dir=False),
               name="console-vendor")

@@ -247,7 +247,9 @@ function vmPage(name) {
       refresh();
       loadEvents();
       return h("section", {},
-        h("div", {class: "bar"}, h("a", {href: "/ui/"}, "← all VMs"), parts.title, parts.state),
+        h("div", {class: "bar"}, h("a", {href: "/ui/"}, "← all VMs"), parts.title, parts.state,
+          h("a", {href: `/ui/vms/${encodeURIComponent(name)}/display`, id: "display-link",
+                  class: "button", "data-admin": true}, "Display")),
         parts.actions,
         h("div", {class: "columns"},
           h("div", {class: "card"}, h("h2", {}, "Definition"), parts.details),
