@@ -5,7 +5,9 @@ statistics over QMP) asynchronously under a time budget (``gather``), then a cus
 ``Collector`` turns that snapshot plus cheap local facts (the store, the job registry,
 ``/proc`` and ``/sys``) into metric families. A VM whose QEMU does not answer within
 the budget simply lacks its disk series for that scrape (and ``parvisor_scrape_partial``
-says so) instead of stalling the scraper. Names and labels: ``docs/metrics.md``.
+says so) instead of stalling the scraper. On a cluster member the cluster's status
+(quorum, manager, hosts and their leases; ``ClusterRuntime.status``, a few etcd calls)
+is fetched in a thread under the same budget. Names and labels: ``docs/metrics.md``.
 """
 
 from __future__ import annotations
@@ -49,6 +51,17 @@ class Snapshot:
     blockstats: dict[str, list[BlockStats]] = field(default_factory=dict)
     partial: bool = False
     duration_s: float = 0.0
+    cluster: ClusterView | None = None                 # None: a standalone host
+
+
+@dataclass
+class ClusterView:
+    """This host's name and cluster, and ``ClusterRuntime.status()`` (None when it did
+    not answer within the scrape budget)."""
+
+    cluster: str
+    host: str
+    status: dict[str, Any] | None
 
 
 async def gather(service: Any, budget_s: float = SCRAPE_BUDGET_S) -> Snapshot:
@@ -57,6 +70,10 @@ async def gather(service: Any, budget_s: float = SCRAPE_BUDGET_S) -> Snapshot:
     vms = service.vms.list()
     nics = {vm.uuid: [nic["id"] for nic in vm.nics] for vm in vms}
     snapshot = Snapshot(vms=vms, uuids_with_nics=nics)
+    cluster = getattr(service, "cluster", None)
+    # etcd calls block: a thread, started first so that it runs beside the QMP calls
+    status_task = (asyncio.ensure_future(asyncio.to_thread(cluster.status))
+                   if cluster is not None else None)
     processes = {vm.uuid: service.vms.runtimes[vm.uuid].process for vm in vms
                  if vm.uuid in service.vms.runtimes
                  and service.vms.runtimes[vm.uuid].process is not None}
@@ -72,8 +89,21 @@ async def gather(service: Any, budget_s: float = SCRAPE_BUDGET_S) -> Snapshot:
                 snapshot.blockstats[uuid] = task.result()
             elif task in done:
                 snapshot.partial = True
+    if status_task is not None:
+        snapshot.cluster = await _cluster_view(cluster, status_task,
+                                               budget_s - (time.monotonic() - started))
+        snapshot.partial |= snapshot.cluster.status is None
     snapshot.duration_s = time.monotonic() - started
     return snapshot
+
+
+async def _cluster_view(cluster: Any, task: asyncio.Future, left_s: float) -> ClusterView:
+    try:
+        status = await asyncio.wait_for(task, timeout=max(left_s, 0.05))
+    except Exception:       # too slow, or etcd failed in a way status() did not catch
+        status = None
+    settings = cluster.settings
+    return ClusterView(settings.name, settings.host, status)
 
 
 async def _blockstats(process: Any) -> list[BlockStats]:
@@ -105,6 +135,8 @@ class HostCollector:
 
     def collect(self) -> Iterator[Metric]:
         yield from self._host_families()
+        if self.snapshot.cluster is not None:
+            yield from cluster_families(self.snapshot.cluster)
         yield from self._vm_families()
         yield from self._device_families()
         yield from self._scrape_families()
@@ -184,6 +216,60 @@ class HostCollector:
         yield GaugeMetricFamily("parvisor_scrape_partial", "1 when some QEMU did not "
                                 "answer within the scrape budget.",
                                 value=int(self.snapshot.partial))
+
+
+# --- cluster (only on cluster members) ---------------------------------------------------
+HOST_HEALTH = ("up", "maintenance", "down")      # parvisor.cluster.status._host
+
+
+def cluster_families(view: ClusterView) -> Iterator[Metric]:
+    """Quorum and manager as this host sees them, its own lease, and the cluster's hosts
+    by health. Without an answer in time only info and quorum (0) are exported."""
+    status = view.status or {}
+    info = GaugeMetricFamily("parvisor_cluster_info", "This host's cluster; value 1.",
+                             labels=["cluster", "host"])
+    info.add_metric([view.cluster, view.host], 1)
+    yield info
+    yield GaugeMetricFamily("parvisor_cluster_quorum", "1 when this host reaches a quorum "
+                            "of the cluster's etcd (0 also when etcd did not answer within "
+                            "the scrape budget).", value=int(bool(status.get("quorum"))))
+    if not status.get("quorum"):
+        return
+    hosts = status.get("hosts", [])
+    me = next((h for h in hosts if h["name"] == view.host), None)
+    yield GaugeMetricFamily("parvisor_cluster_manager", "1 when this host is the cluster "
+                            "manager (places and restarts VMs).",
+                            value=int(status.get("manager") == view.host))
+    yield GaugeMetricFamily("parvisor_cluster_member", "1 when this host holds a live "
+                            "membership lease.", value=int(bool(me and me["member"])))
+    fenced = (status.get("this_host") or {}).get("fenced")
+    if fenced is not None:
+        yield GaugeMetricFamily("parvisor_cluster_fenced", "1 when this host has fenced "
+                                "itself (lost its lease: its VMs are stopped).",
+                                value=int(fenced))
+    if me and me.get("lease_age_s") is not None:
+        yield GaugeMetricFamily("parvisor_cluster_lease_age_seconds", "Seconds since this "
+                                "host's lease was last renewed (etcd's whole seconds).",
+                                value=me["lease_age_s"])
+        yield GaugeMetricFamily("parvisor_cluster_lease_ttl_seconds", "TTL this host's "
+                                "lease was granted with.", value=me["lease_ttl_s"])
+    by_health = GaugeMetricFamily("parvisor_cluster_hosts", "Registered hosts of the "
+                                  "cluster by health.", labels=["health"])
+    for health in HOST_HEALTH:
+        by_health.add_metric([health], sum(h["health"] == health for h in hosts))
+    yield by_health
+    member = GaugeMetricFamily("parvisor_cluster_host_member", "1 when the host holds a "
+                               "live membership lease (as this host sees it).",
+                               labels=["host"])
+    for host in hosts:
+        member.add_metric([host["name"]], int(bool(host["member"])))
+    yield member
+    voters = [m for m in status.get("etcd", []) if m.get("voter")]
+    yield GaugeMetricFamily("parvisor_cluster_etcd_voters", "Voting etcd members "
+                            "(hosts and witness).", value=len(voters))
+    yield GaugeMetricFamily("parvisor_cluster_etcd_voters_reachable", "Voting etcd "
+                            "members this host reached.",
+                            value=sum(bool(m.get("reachable")) for m in voters))
 
 
 _DISK = ["vm", "device"]
