@@ -319,21 +319,27 @@ def disks_args(spec: LaunchSpec) -> list[str]:
     return args
 
 
-def nic_args(vm_uuid: str, nic: NicSpec) -> list[str]:
+def nic_args(vm_uuid: str, nic: NicSpec, bootindex: int | None = None) -> list[str]:
     # The tap is created and attached to its switch by the switch layer beforehand;
     # QEMU only opens it (script=no: QEMU must never run helper scripts).
     model = "virtio-net-pci" if nic.model == "virtio" else "e1000"
+    device = f"{model},netdev={netdev_id(nic)},id={nic_device_id(nic)},mac={nic.mac}"
+    if bootindex is not None:
+        # A NIC in the boot order network-boots (PXE): the firmware runs the device's
+        # option ROM (iPXE from ipxe-qemu, BIOS or EFI flavour) at that position.
+        device += f",bootindex={bootindex}"
     return [
         "-netdev",
         f"tap,id={netdev_id(nic)},ifname={tap_name(vm_uuid, nic.id)},script=no,downscript=no",
-        "-device", f"{model},netdev={netdev_id(nic)},id={nic_device_id(nic)},mac={nic.mac}",
+        "-device", device,
     ]
 
 
 def nics_args(spec: LaunchSpec) -> list[str]:
+    bootindex = boot_indexes(spec.definition)
     args: list[str] = []
     for nic in spec.definition.nics:
-        args += nic_args(spec.definition.uuid, nic)
+        args += nic_args(spec.definition.uuid, nic, bootindex.get(nic.id))
     return args
 
 

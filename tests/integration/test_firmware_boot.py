@@ -1,9 +1,12 @@
 """Firmware generations end to end: the tiny guest's disk boots under SeaBIOS (gen 1)
 and OVMF (gen 2) through the real service; the gen 2 NVRAM survives restarts; a VM with
-a virtual TPM (swtpm) starts, its guest sees /dev/tpm0, and swtpm stops with QEMU."""
+a virtual TPM (swtpm) starts, its guest sees /dev/tpm0, and swtpm stops with QEMU; a NIC
+first in the boot order network-boots (iPXE on the serial console). Secure boot runs in
+tests/slow/test_secure_boot.py (a boot through shim takes ~35 s under TCG)."""
 
 from __future__ import annotations
 
+import secrets
 import shutil
 from pathlib import Path
 
@@ -65,3 +68,23 @@ def test_gen2_nvram_persists_and_tpm_runs_with_qemu(host):
     assert nvram.stat().st_ino == inode
     host.cli("vm", "turn-off", "tpm")
     assert b"Boot0" in nvram.read_bytes().replace(b"\0", b"")
+
+
+def test_a_nic_first_in_the_boot_order_network_boots(host):
+    # gen 2: OVMF prints its boot manager and iPXE (efi-e1000.rom) on the serial console,
+    # SeaBIOS would print only on VGA. Without the NIC's bootindex OVMF would boot the
+    # disk (bootindex 1), which works: reaching iPXE proves the order was applied.
+    switch = f"pxe{secrets.token_hex(3)}"
+    host.cli("switch", "create", switch, "--type", "private")
+    vm = host.create_tiny("pxe", "--boot", "disk", "--generation", "2",
+                          "--nic", f"{switch},model=e1000")
+    mac = vm["nics"][0]["mac"]
+    # set afterwards: `vm create` checks --boot-order before the tiny disk "boot" exists
+    host.cli("vm", "set", "pxe", "--boot-order", "nic0,boot")
+    assert host.vm("pxe")["boot_order"] == ["nic0", "boot"]
+    host.cli("vm", "start", "pxe")
+    # iPXE opens the NIC it boots from: "net0: <mac> using 82540em on 0000:..."
+    wait_for(lambda: f"net0: {mac} using 82540em" in host.console_log("pxe"), 120,
+             "iPXE to start on the e1000 NIC")
+    assert "parvisor-guest" not in host.console_log("pxe")     # the disk did not go first
+    host.cli("vm", "turn-off", "pxe")

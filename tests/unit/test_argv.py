@@ -278,6 +278,56 @@ def test_an_incoming_migration_runs_the_sources_versioned_machine_type():
     assert pinned[pinned.index("-machine") + 1] == ",".join(
         ["pc-q35-7.2", *plain[plain.index("-machine") + 1].split(",")[1:]])
 
+
+# --- network boot (PXE): NICs in the boot order ----------------------------------------
+PXE_FIRST = {
+    "name": "pxe", "uuid": UUID, "generation": 2, "boot": {"kind": "disk"},
+    "boot_order": ["nic1", "root"],
+    "disks": [{"id": "root", "path": "/var/lib/parvisor/storage/vms/pxe/root.qcow2"}],
+    "nics": [
+        {"id": "nic0", "switch": "lab", "mac": "02:70:76:00:00:01"},
+        {"id": "nic1", "switch": "lab", "mac": "02:70:76:00:00:02", "model": "e1000"},
+    ],
+}
+
+
+def test_golden_gen2_network_boot_first() -> None:
+    vm = VmDefinition.model_validate(PXE_FIRST)
+    check_golden("tcg_gen2_pxe_first", build_argv(spec(vm)))
+
+
+def _devices(argv: list[str], prefix: str) -> list[str]:
+    return [a for a in argv if a.startswith(prefix)]
+
+
+def test_a_nic_in_the_boot_order_gets_its_position_as_bootindex() -> None:
+    vm = VmDefinition.model_validate(PXE_FIRST)
+    argv = build_argv(spec(vm))
+    assert _devices(argv, "e1000") == [
+        "e1000,netdev=net-nic1,id=nic-nic1,mac=02:70:76:00:00:02,bootindex=0"]
+    assert _devices(argv, "virtio-blk-pci") == [
+        "virtio-blk-pci,drive=fmt-root,id=disk-root,bootindex=1"]
+    # the NIC left out of the boot order never network-boots
+    assert _devices(argv, "virtio-net-pci") == [
+        "virtio-net-pci,netdev=net-nic0,id=nic-nic0,mac=02:70:76:00:00:01"]
+
+
+def test_nics_get_no_bootindex_without_a_boot_order() -> None:
+    # booting from disk with no explicit order: the disks in order, no PXE at all
+    vm = VmDefinition.model_validate({**PXE_FIRST, "boot_order": []})
+    argv = build_argv(spec(vm))
+    assert not [a for a in argv if "netdev=" in a and "bootindex" in a]
+    assert _devices(argv, "virtio-blk-pci")[0].endswith(",bootindex=0")
+
+
+def test_a_virtio_nic_can_be_the_boot_device_too() -> None:
+    vm = VmDefinition.model_validate({**PXE_FIRST, "boot_order": ["nic0"]})
+    argv = build_argv(spec(vm))
+    assert _devices(argv, "virtio-net-pci")[0].endswith(",bootindex=0")
+    assert not [a for a in argv if a.startswith(("e1000", "virtio-blk-pci"))
+                and "bootindex" in a]
+
+
 def test_golden_shared_disk_next_to_a_plain_scsi_disk() -> None:
     # guest clustering: share-rw=on, a serial derived from the file, always cache=none
     vm = definition(disks=[
