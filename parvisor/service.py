@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import shutil
+import signal
 import socket
 from dataclasses import asdict
 from pathlib import Path
@@ -176,12 +177,16 @@ class HostService:
         background += (await self.cluster.start(self.vms) if self.cluster is not None
                        else await auto_start(self.vms))
         servers = self._servers()
+        _stop_on_signals(servers)
         try:
             await asyncio.gather(*(server.serve(sockets=sockets)
                                    for server, sockets in servers))
         finally:
             for task in background:
                 task.cancel()
+            # let them clean up (a cluster member kills its HA VMs, revokes its lease,
+            # stops its watchdog) before asyncio.run cancels them again, mid-cleanup
+            await asyncio.wait(background, timeout=15)
             self.detach_all()
             self.switches.close()
             self.store.close()
@@ -224,6 +229,22 @@ class HostService:
             if runtime.process is not None:
                 with contextlib.suppress(Exception):
                     asyncio.get_event_loop().create_task(runtime.process.detach())
+
+
+def _stop_on_signals(servers: list[tuple[uvicorn.Server, Any]]) -> None:
+    """SIGTERM/SIGINT end every server and ``run`` cleans up (a cluster member kills its
+    HA VMs, revokes its lease, stops its watchdog). uvicorn's own handling (>= 0.29)
+    re-raises the signal once its server stopped: the default action then killed the
+    process before any of that cleanup (found by tests/integration/test_cluster_admin.py)."""
+    loop = asyncio.get_running_loop()
+
+    def stop() -> None:
+        for server, _ in servers:
+            server.should_exit = True
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop)
+    for server, _ in servers:
+        server.capture_signals = contextlib.nullcontext     # type: ignore[method-assign]
 
 
 def serve_forever(state_dir: str | None) -> None:

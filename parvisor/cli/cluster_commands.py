@@ -57,64 +57,83 @@ def status(as_json: bool = JsonOpt) -> None:
 
 @cluster_app.command("create")
 def create(name: str,
-           etcd: str = typer.Option(..., "--etcd", help="Comma-separated https:// URLs."),
+           etcd: str = typer.Option(..., "--etcd", help="Comma-separated https://IP:2379 "
+                                    "URLs, one per etcd member (hosts and witness)."),
            as_json: bool = JsonOpt) -> None:
-    """Make the cluster CA and certificates, join this host (service stopped)."""
+    """Make the cluster CA and the etcd members' certificates; print how to start each
+    member. Then run 'cluster join' on every host, this one too (service stopped)."""
     from parvisor.cluster import admin
     config = _config()
-    endpoints = _endpoints(etcd)
-    ca = admin.ensure_ca(admin.pki_dir(config), name, create=True)
-    admin.etcd_server_certs(ca, admin.pki_dir(config), endpoints)
-    _join(config, name, endpoints, as_json, created=True)
+    result = admin.create(config, name, _endpoints(etcd))
+    emit(result, as_json, print_created)
+
+
+def print_created(data: dict[str, Any]) -> None:
+    pki = data["pki"]
+    out.print(f"cluster {data['cluster']}: CA and etcd certificates in {pki}", markup=False)
+    out.print("1. copy that directory to <state>/cluster/pki on every other machine "
+              "(hosts and witness; delete ca.key where no host will join)", markup=False)
+    out.print("2. start each etcd member on its machine (it runs in the foreground):",
+              markup=False)
+    for member in data["etcd_members"]:
+        out.print(f"   on {member['address']}: {' '.join(member['command'])}", markup=False)
+    out.print(f"3. on every host, service stopped: parvisor cluster join {data['cluster']} "
+              f"--etcd {','.join(data['endpoints'])}", markup=False)
 
 
 @cluster_app.command("join")
-def join(name: str, etcd: str = typer.Option(..., "--etcd"),
+def join(name: str, etcd: str = typer.Option(..., "--etcd", help="Comma-separated "
+                                             "https://IP:2379 URLs of the etcd members."),
          as_json: bool = JsonOpt) -> None:
-    """Join an existing cluster (copy ca.crt + ca.key into <state>/cluster/pki first)."""
-    _join(_config(), name, _endpoints(etcd), as_json, created=False)
-
-
-def _join(config, name: str, endpoints: list[str], as_json: bool, created: bool) -> None:
+    """Make this host a member (service stopped; ca.crt + ca.key in <state>/cluster/pki):
+    its VM definitions, checkpoints and switches move into the cluster store."""
     from parvisor.cluster import admin
-    from parvisor.cluster.etcd_kv import EtcdKV
-    from parvisor.cluster.runtime import tls_of
-    settings = admin.settings_for(config, name, endpoints, admin.pki_dir(config))
-    kv = EtcdKV(endpoints, tls=tls_of(settings))
-    try:
-        admin.check_reachable(kv)
-        moved = admin.move_definitions(config, settings, kv)
-    except Exception as exc:      # noqa: BLE001 - report and stop before writing config
-        raise typer.BadParameter(f"{exc}; start the etcd members with the server "
-                                 f"certificates in {admin.pki_dir(config)} "
-                                 "(parvisor cluster witness serve shows the flags)") from exc
-    admin.write_cluster_section(config, settings)
-    emit({"cluster": name, "host": settings.host, "moved_vms": moved, "created": created},
-         as_json, lambda d: out.print(f"{d['host']} is now a member of {name}; moved VMs: "
-                                      f"{', '.join(moved) or 'none'}; restart the service"))
+    result = admin.join(_config(), name, _endpoints(etcd))
+    emit(result, as_json, lambda d: out.print(
+        f"{d['host']} is now a member of {name}; moved VMs: "
+        f"{', '.join(d['moved_vms']) or 'none'}; start the host service", markup=False))
 
 
 @cluster_app.command("leave")
 def leave(as_json: bool = JsonOpt) -> None:
-    """Stop being a member (service stopped; VM definitions stay in the cluster)."""
+    """Stop being a member (service stopped, no VM running here). The VMs stay in the
+    cluster (the manager places those meant to run on other hosts); this host becomes
+    standalone with no VMs."""
     from parvisor.cluster import admin
-    admin.remove_cluster_section(_config())
-    emit({"left": True}, as_json, lambda _: out.print("left the cluster; this host is "
-                                                      "standalone (SQLite) again"))
+    result = admin.leave(_config())
+    emit(result, as_json, lambda d: out.print(
+        f"{d['host']} left {d['left']}; VMs released to the cluster: "
+        f"{', '.join(d['released_vms']) or 'none'}; this host is standalone (SQLite) "
+        "again", markup=False))
 
 
 @witness_app.command("serve")
-def witness_serve(name: str = typer.Option("witness", "--name"),
+def witness_serve(name: str = typer.Option("witness", "--name", help="Member name, as in "
+                                           "--initial-cluster."),
                   listen: str = typer.Option(..., "--listen", help="IP address."),
                   initial_cluster: str = typer.Option(..., "--initial-cluster",
                                                       help="name=https://ip:2380,..."),
-                  data_dir: Path = typer.Option(..., "--data-dir"),
-                  pki: Path = typer.Option(..., "--pki", help="ca.crt + etcd-<ip>.crt/key"),
-                  existing: bool = typer.Option(False, "--existing"),
+                  data_dir: Optional[Path] = typer.Option(
+                      None, "--data-dir", help="Default <state>/cluster/etcd-NAME."),
+                  pki: Optional[Path] = typer.Option(
+                      None, "--pki", help="ca.crt + etcd-<ip>.crt/key; default "
+                                          "<state>/cluster/pki."),
+                  existing: bool = typer.Option(False, "--existing", help="Rejoin a "
+                                                "running cluster with a fresh data dir."),
                   token: str = typer.Option("parvisor", "--token")) -> None:
-    """Run only an etcd member (a quorum witness at a third site; no VMs, no agent)."""
+    """Run only an etcd member in the foreground: a quorum witness at a third site, or
+    a host's own member (the commands 'cluster create' prints). No VMs, no agent."""
     from parvisor.cluster import admin, certs
+    from parvisor.config import state_dir_from_env
+    from parvisor.errors import NotFound
+    state = state_dir_from_env(STATE["state_dir"])
+    pki = pki or state / "cluster" / "pki"
+    data_dir = data_dir or state / "cluster" / f"etcd-{name}"
     server = certs.CertPair(pki / f"etcd-{listen}.crt", pki / f"etcd-{listen}.key")
+    for needed in (pki / "ca.crt", server.cert, server.key):
+        if not needed.exists():
+            raise NotFound(f"{needed} is missing: copy the pki directory 'cluster create' "
+                           "made to this machine")
     argv = admin.etcd_argv(name, listen, data_dir, initial_cluster,
                            "existing" if existing else "new", server, pki / "ca.crt", token)
     os.execv(argv[0], argv)
