@@ -4,13 +4,18 @@ What for: evaluating parvisor on a laptop and the real-lab tests. ``up`` builds,
 host ``hN`` (and a witness ``w``): a network namespace joined by veth to a bridge, an
 etcd member (odd voter count: with an even count the last host runs no member), a host
 service (the agent) in that namespace with its own state dir, a local storage dir, and
-a shared storage dir for all. Every PID, namespace, link and directory is recorded in
-``<lab dir>/lab.json``; ``down`` removes exactly those (processes by PID, including any
-other process found inside a lab namespace).
+a shared storage dir for all. Each host also has its own mount namespace
+(``parvisor.lab.mounts``) in which every *other* host's local storage dir is an empty
+read-only tmpfs: local storage is seen by its host only. Every PID, namespace, link and
+directory is recorded in ``<lab dir>/lab.json``; ``down`` removes exactly those
+(processes by PID, including any other process found inside a lab namespace; mounts
+below the lab dir).
 
-Faults: ``fail`` = power loss (every process in the namespace SIGKILLed, link down),
-``recover`` = power back (link up, etcd member and service start again; no VM of its
-own runs), ``isolate``/``heal`` = network cut/restored (processes keep running).
+Faults: ``fail`` = power loss (every process in the namespace SIGKILLed, link down, its
+local storage covered in the root namespace too: unreachable to anyone, and ``lab exec``
+refused), ``recover`` = power back (link up, storage back, etcd member and service start
+again; no VM of its own runs), ``isolate``/``heal`` = network cut/restored (processes
+keep running).
 
 Capacity on a 2-core machine: keep to <= 2 idle tiny guests per host and <= 3 hosts;
 lease TTL 8 s, interval 1 s, margin 2.5 s tolerate ~4 s of scheduling stalls, so load
@@ -34,9 +39,9 @@ from pathlib import Path
 
 from parvisor.cluster import certs
 from parvisor.cluster.admin import etcd_argv
-from parvisor.cluster.settings import ClusterSettings
+from parvisor.cluster.settings import CLUSTER_API_PORT, ClusterSettings
 from parvisor.errors import Failed, InvalidInput, NotFound
-from parvisor.lab import net
+from parvisor.lab import mounts, net
 
 DEFAULT_LAB_DIR = Path("/tmp/parvisor-lab")
 CLUSTER = "lab"
@@ -57,6 +62,8 @@ class Node:
     runs_vms: bool = True     # False: the witness
     site: str = ""
     pids: dict[str, int] = field(default_factory=dict)    # role -> PID (etcd, service)
+    mount_ns: str = ""        # file holding its mount namespace ("" before it exists)
+    powered: bool = True      # False between lab fail and lab recover
 
 
 @dataclass
@@ -94,6 +101,14 @@ class Lab:
     def state_dir(self, name: str) -> Path:
         return self.dir / name / "state"
 
+    def local_dir(self, name: str) -> Path:
+        """A host's local storage: visible in its own mount namespace only."""
+        return self.dir / name / "local"
+
+    @property
+    def mount_dir(self) -> Path:
+        return self.dir / mounts.NS_DIR_NAME
+
     @property
     def shared_dir(self) -> Path:
         return self.dir / "shared"
@@ -124,6 +139,8 @@ class Lab:
         net.make_bridge(state.bridge, f"{state.subnet}.254/24")
         for node in state.nodes.values():
             net.make_node(node.ns, node.link, state.bridge, f"{node.ip}/24")
+        self._make_mount_namespaces(state)     # after the netns: it copies /run/netns/*
+        state.save(self.dir)
         self._make_pki(state)
         for node in state.nodes.values():
             if node.etcd:
@@ -135,6 +152,17 @@ class Lab:
         state.save(self.dir)
         self.wait_members(state, [n.name for n in state.nodes.values() if n.runs_vms])
         return state
+
+    def _make_mount_namespaces(self, state: LabState) -> None:
+        local_dirs = {n.name: self.local_dir(n.name) for n in state.nodes.values()
+                      if n.runs_vms}
+        for path in local_dirs.values():
+            path.mkdir(parents=True, exist_ok=True)     # mount points of the covers
+        mounts.make_ns_dir(self.mount_dir)
+        for node in state.nodes.values():
+            node.mount_ns = str(self.mount_dir / node.name)
+            mounts.make_host_ns(Path(node.mount_ns), mounts.hidden_from(node.name, local_dirs),
+                                f"{state.prefix}-hidden")
 
     def _make_pki(self, state: LabState) -> None:
         ca = certs.make_ca(self.pki, CLUSTER)
@@ -165,17 +193,17 @@ class Lab:
                env: dict[str, str] | None = None) -> int:
         self.node_dir(node.name).mkdir(parents=True, exist_ok=True)
         with open(self.node_dir(node.name) / log_name, "ab") as log:
-            proc = subprocess.Popen(["ip", "netns", "exec", node.ns, *argv], stdout=log,
+            proc = subprocess.Popen(host_argv(node, argv), stdout=log,
                                     stderr=subprocess.STDOUT, env=env,
                                     start_new_session=True)
-        return proc.pid     # ip netns exec execs the command: same PID
+        return proc.pid     # nsenter and ip netns exec exec the command: same PID
 
     def host_env(self, node: Node) -> dict[str, str]:
         return {**os.environ, "PARVISOR_STATE_DIR": str(self.state_dir(node.name)),
                 "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '/usr/bin:/bin')}"}
 
     def _prepare_host(self, state: LabState, node: Node, image: Path | None) -> None:
-        sdir, local = self.state_dir(node.name), self.node_dir(node.name) / "local"
+        sdir, local = self.state_dir(node.name), self.local_dir(node.name)
         for directory in (sdir / "images", local):
             directory.mkdir(parents=True, exist_ok=True)
         if image is not None and image.is_dir():
@@ -187,6 +215,7 @@ class Lab:
             name=CLUSTER, host=node.name, endpoints=tuple(self.endpoints(state, node.name)),
             ca=self.pki / "ca.crt", cert=self.pki / f"host-{node.name}.crt",
             key=self.pki / f"host-{node.name}.key", site=node.site, migration_address=node.ip,
+            api_port=CLUSTER_API_PORT,      # requests about VMs forwarded between hosts
             migration_tls=True,     # the lab runs as a secure cluster should
             shared_storage=self.shared_dir if state.shared else None)
         (sdir / "config.toml").write_text(
@@ -201,7 +230,9 @@ class Lab:
 
     # --- faults ---------------------------------------------------------------------
     def fail(self, name: str) -> list[int]:
-        """Power loss: every process of the host dies at once, its link goes down."""
+        """Power loss: every process of the host dies at once, its link goes down, its
+        local storage becomes unreachable (other hosts never could read it; the root
+        namespace gets a cover over it until ``recover``)."""
         state = self.state()
         node = state.nodes[self.node(name).name]
         net.set_link(node.link, False)
@@ -210,6 +241,9 @@ class Lab:
         if survivors:
             raise Failed(f"lab host {name}: processes {survivors} survived SIGKILL")
         node.pids = {}
+        if node.runs_vms and node.powered:
+            mounts.cover(self.local_dir(name), f"{state.prefix}-off")
+        node.powered = False
         state.save(self.dir)
         return killed
 
@@ -220,6 +254,9 @@ class Lab:
         if net.netns_pids(node.ns):
             raise InvalidInput(f"lab host {name} is running (lab fail it first)")
         net.set_link(node.link, True)
+        if not node.powered and mounts.is_mount_point(self.local_dir(name)):
+            mounts.uncover(self.local_dir(name))
+        node.powered = True
         if node.etcd:
             self._start_etcd(state, node, "existing")
         if node.runs_vms:
@@ -259,9 +296,12 @@ class Lab:
     # --- using it -------------------------------------------------------------------
     def exec_argv(self, name: str, argv: list[str]) -> tuple[list[str], dict[str, str]]:
         node = self.node(name)
+        if not node.powered:
+            raise InvalidInput(f"lab host {name} has lost power: 'parvisor lab recover "
+                               f"{name}' first")
         if not node.runs_vms:
-            return ["ip", "netns", "exec", node.ns, *argv], dict(os.environ)
-        return ["ip", "netns", "exec", node.ns, *argv], self.host_env(node)
+            return host_argv(node, argv), dict(os.environ)
+        return host_argv(node, argv), self.host_env(node)
 
     def qemu_pids(self, name: str) -> list[int]:
         """Live QEMUs of this host (from its state dir's pidfiles)."""
@@ -288,6 +328,8 @@ class Lab:
         for node in state.nodes.values():
             nodes[node.name] = {
                 "ip": node.ip, "namespace": node.ns, "link_up": net.link_up(node.link),
+                "powered": node.powered, "mount_namespace": node.mount_ns,
+                "local_storage": str(self.local_dir(node.name)) if node.runs_vms else None,
                 "site": node.site, "etcd_member": node.etcd, "witness": not node.runs_vms,
                 "processes": {role: pid for role, pid in node.pids.items()
                               if net.pid_alive(pid)},
@@ -320,11 +362,18 @@ class Lab:
         found = [pid for node in state.nodes.values() for pid in net.netns_pids(node.ns)]
         survivors = net.kill_pids(sorted(set(recorded) | set(found)))
         nodes = list(state.nodes.values())
-        left = net.remove([n.ns for n in nodes], [n.link for n in nodes], state.bridge)
+        left = mounts.unmount_all(self.dir)     # covers, namespace files, their dir
+        left += net.remove([n.ns for n in nodes], [n.link for n in nodes], state.bridge)
         left += [f"pid {pid}" for pid in survivors]
         if not left:
             shutil.rmtree(self.dir, ignore_errors=True)
         return left
+
+
+def host_argv(node: Node, argv: list[str]) -> list[str]:
+    """``argv`` inside a lab host: its mount namespace first, then its network
+    namespace (``ip netns exec`` copies the current mount namespace, covers included)."""
+    return [*mounts.enter_argv(node.mount_ns), "ip", "netns", "exec", node.ns, *argv]
 
 
 def _cmdline(pid: int) -> str:
