@@ -1,6 +1,7 @@
 """A real cluster lab for tests: ``parvisor lab up`` through the CLI in a unique lab
-dir, helpers to run commands inside hosts and to watch QEMUs per host, and a teardown
-(``lab down``) that proves nothing is left: no namespace, link, or live process.
+dir, helpers to run commands inside hosts, to watch QEMUs per host and to run the INV-1
+canary in a guest (``parvisor.testing.canary``), and a teardown (``lab down``) that
+proves nothing is left: no namespace, link, mount, or live process.
 
 Never: sleep blindly; every wait polls a condition with a timeout. INV-1 is checked at
 every poll of ``wait_vm``: a VM's live QEMU may exist on at most one host.
@@ -18,8 +19,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from parvisor.lab import net
+from parvisor.lab import mounts, net
 from parvisor.lab.lab import Lab
+from parvisor.testing import canary
 from parvisor.testing.host_fixture import PARVISOR
 
 
@@ -55,6 +57,20 @@ class LabUnderTest:
 
     def on(self, host: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         return self.cli("lab", "exec", host, "--", "parvisor", *args, check=check)
+
+    def sh(self, host: str, script: str, check: bool = True) -> subprocess.CompletedProcess:
+        """A shell command inside a lab host (its namespaces, not a guest)."""
+        return self.cli("lab", "exec", host, "--", "sh", "-c", script, check=check)
+
+    def start_canary(self, host: str, vm: str) -> None:
+        """The INV-1 canary in VM ``vm`` (running on ``host``), logging ``host``."""
+        self.on(host, "vm", "exec", vm, "--", *canary.start_argv(host))
+
+    def canary_log(self, vm: str, asking: str = "h2") -> canary.Verdict:
+        """The canary log of ``vm``'s first disk, read from shared storage on the root
+        side (any host's CLI says where the disk is)."""
+        disk = json.loads(self.on(asking, "vm", "show", vm, "--json").stdout)["disks"][0]
+        return canary.verdict_of(Path(disk["path"]), disk["format"])
 
     def vms(self, host: str) -> list[dict[str, Any]]:
         return json.loads(self.on(host, "vm", "list", "--json").stdout)
@@ -104,6 +120,8 @@ class LabUnderTest:
         assert not [ns for ns in names if (net.NETNS_DIR / ns).exists()], "netns left"
         links = net.ip("-o", "link", "show", check=False).stdout
         assert state.prefix not in links, "links left behind"
+        assert not mounts.mounts_under(Path("/proc/self/mountinfo").read_text(), self.dir), \
+            "mounts left behind"
         assert not self.dir.exists(), "lab dir left behind"
 
 
