@@ -9,6 +9,7 @@ a fixed sleep. One service and one browser serve the whole module to stay quick.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -60,7 +61,9 @@ def console_host(tiny_image):
 
 
 @pytest.fixture(scope="module")
-def browser():
+def browser(console_host):
+    # depends on console_host so that the service (and its switches) goes after the
+    # browser: the switch layer refuses netlink calls while Playwright's loop runs
     if not os.path.exists(CHROMIUM):
         pytest.skip("Debian's chromium is not installed (./setup.sh install)")
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
@@ -192,3 +195,102 @@ def test_console_listener_refuses_without_login(console_host):
         assert client.post("/v1/vms", json={"name": "x", "image": "tiny"}).status_code == 401
         with_token = client.get("/v1/vms", headers={"authorization": f"Bearer {TOKEN}"})
         assert with_token.status_code == 200
+
+
+def _running_vm(host: HostUnderTest, name: str) -> str:
+    """The first test's VM when it ran (it is up by now), else one of our own."""
+    if name not in {vm["name"] for vm in host.json("vm", "list")}:
+        host.create_tiny(name, "--memory", "128M")
+    if host.state(name) != "running":
+        host.cli("vm", "start", name)
+    return name
+
+
+def test_switches_hot_add_charts_checkpoints_and_a_viewer(browser, console_host):
+    vm = _running_vm(console_host, "web1")
+    switch = f"wc{os.getpid() % 100000}"         # bridge names derive from it: unique
+    page = _page(browser, console_host)
+    _login(page, *ADMIN, then="/ui/switches")
+
+    # a bad name: the message sits next to the field and no switch is made
+    page.fill("#f-name", "bad name!")
+    page.click("#switch-form button[type=submit]")
+    expect(page.locator("#e-name")).to_contain_text("not allowed")
+    assert console_host.api().get("/v1/switches").json() == []
+    page.fill("#f-name", switch)
+    page.select_option("#f-type", "private")
+    page.click("#switch-form button[type=submit]")
+    expect(page.locator(f"tr[data-switch={switch}]")).to_contain_text("private")
+    _shot(page, "switches")
+
+    page.goto(f"/ui/vms/{vm}")
+    expect(page.locator("#vm-state [data-state]")).to_have_attribute("data-state", "running")
+    # NIC hot-add with the switch picker; the devices list follows without a reload
+    page.select_option("#f-switch", switch)
+    page.click("button[data-action=add-nic]")
+    expect(page.locator(".columns")).to_contain_text(f"on switch {switch}")
+    assert [n["switch"] for n in console_host.vm(vm)["nics"]] == [switch]
+    # a disk: a bad size is refused next to the field, then a good one is added live
+    page.fill("#f-size", "lots")
+    page.click("button[data-action=add-disk]")
+    expect(page.locator("#e-size")).not_to_be_empty()
+    assert console_host.vm(vm)["disks"] == []
+    page.fill("#f-size", "64M")
+    page.click("button[data-action=add-disk]")
+    expect(page.locator(".columns")).to_contain_text("disk0")
+    # the charts got at least two samples (one per 3 s) of the running guest
+    for chart in ("cpu", "memory", "disk", "network"):
+        expect(page.locator(f"#chart-{chart}")).to_have_attribute(
+            "data-samples", re.compile(r"^([2-9]|\d\d+)$"))
+    expect(page.locator("#chart-memory canvas")).to_be_visible()
+
+    # checkpoint: create (live, disks only), then apply with confirmation
+    page.fill("#f-checkpoint", "cp1")
+    page.click("button[data-action=create-checkpoint]")
+    cp1 = page.locator("li[data-checkpoint=cp1]")
+    expect(cp1.locator("[data-current]")).to_be_visible()
+    _shot(page, "vm-devices-charts-checkpoints")
+    cp1.locator("button[data-action=apply-checkpoint]").first.click()
+    cp1.locator("button[data-action=confirm-apply-checkpoint]").first.click()
+    # a disk-only checkpoint returns a running VM to its disks: it is turned off
+    expect(page.locator("#vm-state [data-state]")).to_have_attribute("data-state", "off")
+    expect(page.locator("#vm-events")).to_contain_text("checkpoint 'cp1' applied")
+    assert console_host.state(vm) == "off"
+
+    # the switch is in use: deleting it is refused and the page says why
+    page.goto("/ui/switches")
+    row = page.locator(f"tr[data-switch={switch}]")
+    row.locator("button[data-action=delete-switch]").click()
+    row.locator("button[data-action=confirm-delete-switch]").click()
+    expect(row.locator(".row-error")).to_contain_text(f"used by VM '{vm}'")
+    assert [s["definition"]["name"] for s in console_host.api().get("/v1/switches").json()] \
+        == [switch]
+
+    page.goto("/ui/disks")
+    disk_row = page.locator("#disk-rows tr", has_text=vm)
+    disk_row.locator("button[data-action=disk-info]").click()
+    expect(page.locator("#disk-info dd[data-field=format]")).to_have_text("qcow2")
+    _shot(page, "disks")
+    page.context.close()
+
+    # a viewer sees the checkpoints but cannot make one, even by hand
+    page = _page(browser, console_host)
+    _login(page, *VIEWER, then=f"/ui/vms/{vm}")
+    expect(page.locator("li[data-checkpoint=cp1]")).to_be_visible()
+    expect(page.locator("#create-checkpoint")).to_be_hidden()
+    status = page.evaluate("""async (vm) => {
+        const csrf = document.cookie.split('; ').find(c => c.startsWith('parvisor_csrf='))
+                     .split('=')[1];
+        const r = await fetch(`/v1/vms/${vm}/checkpoints`, {method: 'POST',
+            headers: {'x-csrf-token': csrf, 'content-type': 'application/json'},
+            body: JSON.stringify({name: 'cp2'})});
+        return [r.status, (await r.json()).error.code];
+    }""", vm)
+    assert status == [403, "forbidden"]
+    names = [c["name"] for c in console_host.api().get(f"/v1/vms/{vm}/checkpoints")
+             .json()["checkpoints"]]
+    assert names == ["cp1"]
+    page.goto("/ui/cluster")                     # a standalone host says so
+    expect(page.locator("#standalone")).to_contain_text("standalone")
+    _shot(page, "cluster-standalone")
+    page.context.close()

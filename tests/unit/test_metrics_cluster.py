@@ -1,7 +1,7 @@
 """Cluster figures of ``/metrics`` (``parvisor.metrics.cluster_families``) from a fake
 cluster view: names, labels and values as ``docs/metrics.md`` lists them, parsed back
 with the Prometheus text parser. The same figures from a real etcd are checked in
-``tests/integration/test_metrics_cluster.py``."""
+``tests/integration/test_metrics_etcd.py``."""
 
 from __future__ import annotations
 

@@ -6,7 +6,8 @@
 // CSRF token; what a viewer may not do is hidden, and the server refuses it anyway.
 "use strict";
 
-const state = {role: "", csrf: "", vms: [], vmsAt: 0, page: null};
+const state = {role: "", csrf: "", vms: [], vmsAt: 0, page: null, host: "", cluster: null,
+               myJobs: {}};
 
 // --- small helpers -------------------------------------------------------------------
 function h(tag, attrs, ...children) {
@@ -93,7 +94,8 @@ function liveUptime(vm) {
 // --- start-up --------------------------------------------------------------------------
 async function boot() {
   const session = await api("GET", "/ui/api/session");
-  Object.assign(state, {role: session.role, csrf: session.csrf});
+  Object.assign(state, {role: session.role, csrf: session.csrf, host: session.host,
+                        cluster: session.cluster});
   document.body.dataset.role = session.role;
   document.getElementById("who").textContent = `${session.user} (${session.role})`;
   document.getElementById("logout").addEventListener("click", async () => {
@@ -115,6 +117,9 @@ function route(path) {
   if (path === "/ui/create") return createPage();
   if (path === "/ui/jobs") return jobsPage();
   if (path === "/ui/events") return eventsPage();
+  if (path === "/ui/cluster") return clusterPage();
+  if (path === "/ui/switches") return switchesPage();
+  if (path === "/ui/disks") return disksPage();
   return listPage();
 }
 
@@ -220,7 +225,9 @@ function vmPage(name) {
     actions: h("div", {class: "actions", "data-admin": true}),
     details: h("dl", {class: "details"}), devices: h("div", {}),
     hotadd: h("form", {class: "inline", "data-admin": true, novalidate: true}),
-    events: h("tbody", {id: "vm-events"}), console: consolePanel(name)};
+    events: h("tbody", {id: "vm-events"}), console: consolePanel(name),
+    checkpoints: checkpointsPanel(name, base), deviceForms: deviceForms(base),
+    charts: chartsPanel(base), migration: state.cluster ? migrationPanel(name, base) : null};
   let revision = null, current = null;
   async function refresh() {
     try {
@@ -236,6 +243,8 @@ function vmPage(name) {
     drawDevices(parts.devices, current);
     drawHotAdd(parts.hotadd, current, base);
     parts.console.update(current.state);
+    parts.checkpoints.refresh();
+    if (parts.migration) parts.migration.refresh(current);
   }
   async function loadEvents() {
     const events = await api("GET", `/v1/events?vm=${encodeURIComponent(name)}&limit=50`);
@@ -246,6 +255,8 @@ function vmPage(name) {
     render() {
       refresh();
       loadEvents();
+      parts.deviceForms.loadSwitches();
+      parts.charts.start();
       return h("section", {},
         h("div", {class: "bar"}, h("a", {href: "/ui/"}, "← all VMs"), parts.title, parts.state,
           h("a", {href: `/ui/vms/${encodeURIComponent(name)}/display`, id: "display-link",
@@ -254,7 +265,12 @@ function vmPage(name) {
         h("div", {class: "columns"},
           h("div", {class: "card"}, h("h2", {}, "Definition"), parts.details),
           h("div", {class: "card"}, h("h2", {}, "Devices"), parts.devices,
-            h("h2", {"data-admin": true}, "Change vCPUs / memory"), parts.hotadd)),
+            h("h2", {"data-admin": true}, "Change vCPUs / memory"), parts.hotadd,
+            parts.deviceForms.node)),
+        h("div", {class: "card"}, h("h2", {}, "Performance"), parts.charts.node),
+        h("div", {class: "card"}, h("h2", {}, "Checkpoints"), parts.checkpoints.node),
+        parts.migration && h("div", {class: "card"}, h("h2", {}, "Migration"),
+                             parts.migration.node),
         h("div", {class: "card"}, h("h2", {}, "Serial console"), parts.console.node),
         h("div", {class: "card"}, h("h2", {}, "Events"),
           h("table", {class: "grid"}, parts.events)));
@@ -266,7 +282,9 @@ function vmPage(name) {
     onEvents(events) {
       const mine = events.filter((e) => e.vm_name === name);
       parts.events.prepend(...mine.reverse().map(eventRow));
+      if (mine.some((e) => e.kind === "checkpoint")) parts.checkpoints.refresh();
     },
+    onJobs: reportMyJobs,
   };
 }
 
@@ -344,6 +362,18 @@ function drawHotAdd(form, vm, base) {
   };
 }
 
+// A job this page started failed: say why (its success shows as an event and a refresh).
+function reportMyJobs(jobs) {
+  for (const job of jobs) {
+    const label = state.myJobs[job.id];
+    if (!label || !["failed", "succeeded", "cancelled"].includes(job.status)) continue;
+    delete state.myJobs[job.id];
+    if (job.status !== "succeeded") {
+      toast(`${label} ${job.status}: ${(job.error && job.error.message) || job.message}`, true);
+    }
+  }
+}
+
 // --- the serial console ----------------------------------------------------------------
 function consolePanel(name) {
   const node = h("div", {class: "console"});
@@ -398,7 +428,8 @@ function field(name, label, attrs) {
 }
 
 // API field names (request or definition) -> the form's field
-const FIELD_ALIASES = {memory_bytes: "memory", max_memory_bytes: "memory"};
+// (sizes name themselves in words: parvisor.model.sizes.parse_size(what=...))
+const FIELD_ALIASES = {memory_bytes: "memory", max_memory_bytes: "memory", "disk size": "size"};
 
 function clearErrors(form) {
   form.querySelectorAll(".field-error, .form-error").forEach((e) => { e.textContent = ""; });
@@ -486,6 +517,537 @@ function eventsPage() {
         h("table", {class: "grid"}, body));
     },
     onEvents: (events) => body.prepend(...events.filter(matches).reverse().map(eventRow)),
+  };
+}
+
+// --- forms shared by the pages below -------------------------------------------------------
+// A form with a slot for errors that name no field; `fields` are field() results.
+function actionForm(id, fields, button, extra) {
+  return h("form", {class: "inline", id, "data-admin": true, novalidate: true},
+    fields.map((f) => f.label), extra || null,
+    h("button", {type: "submit", "data-action": id}, button),
+    h("p", {class: "form-error error", role: "alert"}));
+}
+
+// Run `call` for a form: errors go next to their field (or under the form); nothing
+// else happens on an error, so a refused value changes nothing on the page either.
+function submitWith(form, call) {
+  form.onsubmit = async (event) => {
+    event.preventDefault();
+    clearErrors(form);
+    try {
+      await call();
+    } catch (error) {
+      if (!error.details.errors && !error.details.field && error.details.path &&
+          form.querySelector("#e-path")) error.details.field = "path";
+      showErrors(form, error);
+    }
+  };
+}
+
+// An inline "are you sure" next to a button; `run` is called on confirmation.
+function confirmButton(label, question, action, run) {
+  const box = h("span", {class: "confirm", hidden: true});
+  const ask = h("button", {type: "button", class: "danger", "data-action": action,
+    onclick: () => { box.hidden = false; }}, label + "…");
+  box.append(question + " ",
+    h("button", {type: "button", class: "danger", "data-action": `confirm-${action}`,
+      onclick: async () => { box.hidden = true; await run(); }}, label),
+    h("button", {type: "button", onclick: () => { box.hidden = true; }}, "Cancel"));
+  return h("span", {class: "confirmable"}, ask, box);
+}
+
+// A job answered 202: say so; the page refreshes when its event or job update arrives.
+function jobStarted(label, answer) {
+  toast(answer.job ? `${label}: job ${answer.job.id} started` : `${label}: done`);
+  if (answer.job) state.myJobs[answer.job.id] = label;
+}
+
+// --- one VM: checkpoints ----------------------------------------------------------------
+function checkpointsPanel(name, base) {
+  const tree = h("div", {id: "checkpoint-tree"});
+  const nameField = field("checkpoint", "Name (optional)", {maxlength: 63,
+                                                            placeholder: "ckpt-…"});
+  const memory = h("input", {type: "checkbox", id: "f-with-memory"});
+  const form = actionForm("create-checkpoint", [nameField], "Create checkpoint",
+    h("label", {class: "check"}, memory, "with memory (running VM)"));
+  submitWith(form, async () => {
+    const body = {with_memory: memory.checked};
+    if (nameField.input.value.trim()) body.name = nameField.input.value.trim();
+    try {
+      jobStarted("Checkpoint", await api("POST", `${base}/checkpoints`, body));
+    } catch (error) {
+      if (error.details.checkpoint || (error.details.errors || [])[0]?.field === "name") {
+        error.details.field = "checkpoint";            // the API calls it "name"
+        if (error.details.errors) error.details.errors.forEach((e) => { e.field = "checkpoint"; });
+      }
+      throw error;
+    }
+    nameField.input.value = "";
+  });
+  async function refresh() {
+    let answer;
+    try {
+      answer = await api("GET", `${base}/checkpoints`);
+    } catch (error) {
+      tree.replaceChildren(h("p", {class: "error"}, error.message));
+      return;
+    }
+    const items = answer.checkpoints;
+    if (!items.length) {
+      tree.replaceChildren(h("p", {class: "muted"}, "No checkpoints."));
+      return;
+    }
+    const byId = Object.fromEntries(items.map((c) => [c.id, c]));
+    const roots = items.filter((c) => !c.parent || !byId[c.parent]);
+    tree.replaceChildren(h("ul", {class: "tree"}, roots.map((c) => node(c))));
+    function node(c) {
+      const kids = items.filter((k) => k.parent === c.id);
+      return h("li", {"data-checkpoint": c.name},
+        h("span", {class: "cp-name"}, c.name), " ",
+        h("span", {class: "muted"}, when(c.created)),
+        c.with_memory ? h("span", {class: "badge"}, "memory") : null,
+        c.phase !== "ready" ? badge(c.phase) : null,
+        c.current ? h("span", {class: "badge s-running", "data-current": true}, "now") : null,
+        h("span", {class: "cp-actions", "data-admin": true},
+          confirmButton("Apply", `Return ${name} to '${c.name}'? What changed since is lost` +
+            (c.with_memory ? "." : "; a running VM is turned off."), "apply-checkpoint",
+            async () => {
+              try {
+                jobStarted("Apply", await api("POST",
+                  `${base}/checkpoints/${encodeURIComponent(c.id)}/apply`));
+              } catch (error) { toast(`Apply refused: ${error.message}`, true); }
+            }),
+          confirmButton("Delete", `Delete checkpoint '${c.name}'? (the VM's present state ` +
+            "stays)", "delete-checkpoint", async () => {
+            try {
+              jobStarted("Delete checkpoint", await api("DELETE",
+                `${base}/checkpoints/${encodeURIComponent(c.id)}`));
+            } catch (error) { toast(`Delete refused: ${error.message}`, true); }
+          })),
+        kids.length ? h("ul", {}, kids.map(node)) : null);
+    }
+  }
+  return {node: h("div", {}, tree, form), refresh};
+}
+
+// --- one VM: hot-add of a network adapter and a disk ---------------------------------------
+function deviceForms(base) {
+  const picker = h("select", {name: "switch", id: "f-switch"});
+  const switchLabel = h("label", {for: "f-switch"}, h("span", {}, "Switch"), picker,
+    h("span", {class: "field-error", id: "e-switch", role: "alert"}));
+  const vlan = field("vlan", "VLAN (optional)", {type: "number", min: 1, max: 4094});
+  const nicForm = actionForm("add-nic", [vlan], "Add network adapter", null);
+  nicForm.prepend(switchLabel);
+  submitWith(nicForm, async () => {
+    const body = {switch: picker.value};
+    if (vlan.input.value.trim()) body.vlan = Number(vlan.input.value);
+    const answer = await api("POST", `${base}/nics`, body);
+    toast(`network adapter ${answer.nic.id} added`);
+  });
+  const size = field("size", "Size", {placeholder: "1G, 512M", value: "1G"});
+  const diskForm = actionForm("add-disk", [size], "Add disk", null);
+  submitWith(diskForm, async () => {
+    const answer = await api("POST", `${base}/disks`, {size: size.input.value.trim()});
+    toast(`disk ${answer.disk ? answer.disk.id : ""} added`);
+  });
+  async function loadSwitches() {
+    const switches = await api("GET", "/v1/switches").catch(() => []);
+    const chosen = picker.value;
+    picker.replaceChildren(...(switches.length ? switches.map((s) => h("option",
+      {value: s.definition.name}, `${s.definition.name} (${s.definition.type})`))
+      : [h("option", {value: ""}, "no switch: create one on the Switches page")]));
+    if (chosen) picker.value = chosen;
+  }
+  return {node: h("div", {"data-admin": true}, h("h3", {}, "Add a network adapter"), nicForm,
+                  h("h3", {}, "Add a disk (new, empty)"), diskForm), loadSwitches};
+}
+
+// --- one VM: live charts (uPlot) ----------------------------------------------------------
+const STATS_EVERY_MS = 3000;
+const CHART_POINTS = 60;          // three minutes at one sample per 3 s
+const CHARTS = [
+  // id, title, series labels, unit, figures of (previous, now, seconds between)
+  ["cpu", "CPU", ["CPU %"], "%", (a, b, dt) =>
+    [a && b.cpu_seconds !== null && a.cpu_seconds !== null
+      ? rate(a.cpu_seconds, b.cpu_seconds, dt) * 100 : null]],
+  ["memory", "Memory", ["guest MiB", "QEMU resident MiB"], "MiB", (a, b) =>
+    [mib(b.memory_actual_bytes), mib(b.qemu_rss_bytes)]],
+  ["disk", "Disk", ["read KiB/s", "write KiB/s"], "KiB/s", (a, b, dt) =>
+    [kib(rate(sum(a, "disks", "read_bytes"), sum(b, "disks", "read_bytes"), dt)),
+     kib(rate(sum(a, "disks", "written_bytes"), sum(b, "disks", "written_bytes"), dt))]],
+  ["network", "Network", ["received KiB/s", "sent KiB/s"], "KiB/s", (a, b, dt) =>
+    [kib(rate(sum(a, "nics", "receive_bytes"), sum(b, "nics", "receive_bytes"), dt)),
+     kib(rate(sum(a, "nics", "transmit_bytes"), sum(b, "nics", "transmit_bytes"), dt))]],
+];
+
+function sum(sample, list, key) {
+  if (!sample) return null;
+  return sample[list].reduce((total, item) => total + (item[key] || 0), 0);
+}
+
+// per second; null when a counter is missing or went back (QEMU restarted, disk removed)
+function rate(before, after, seconds) {
+  if (before === null || after === null || before === undefined || after === undefined ||
+      after < before || seconds <= 0) return null;
+  return (after - before) / seconds;
+}
+
+function mib(n) { return n === null || n === undefined ? null : n / 1048576; }
+function kib(n) { return n === null ? null : n / 1024; }
+
+function chartsPanel(base) {
+  const node = h("div", {class: "charts", id: "charts"});
+  const note = h("p", {class: "muted", id: "charts-note"});
+  const charts = {};
+  let previous = null, timer = null;
+  function build() {
+    if (!window.uPlot) {
+      node.replaceChildren(h("p", {class: "error"},
+        "uPlot is missing: run ./setup.sh install (npm ci in web/)"));
+      return false;
+    }
+    for (const [id, title, labels, unit] of CHARTS) {
+      const box = h("div", {class: "chart", id: `chart-${id}`, "data-samples": 0});
+      const now = h("span", {class: "muted chart-now"});
+      node.append(h("div", {}, h("h3", {}, title, " ", now), box));
+      const data = [[], ...labels.map(() => [])];
+      const plot = new window.uPlot({
+        width: 380, height: 150, legend: {show: true, live: false},
+        scales: {x: {time: true}, y: {range: (u, min, max) => [0, Math.max(max || 0, 1)]}},
+        axes: [{}, {size: 50, label: unit}],
+        series: [{}, ...labels.map((label, i) => ({label, stroke: ["#2557c7", "#c75b25"][i],
+                                                     width: 1.5, spanGaps: false}))],
+      }, data, box);
+      charts[id] = {box, now, plot, data, labels};
+    }
+    return true;
+  }
+  async function sample() {
+    let now;
+    try {
+      now = await api("GET", `${base}/stats`);
+    } catch (error) {
+      note.textContent = error.message;
+      return;
+    }
+    note.textContent = now.running ? "" : `The VM is ${now.state}: no figures while it ` +
+      "does not run (or it runs on another host).";
+    if (!now.running) { previous = null; return; }
+    const dt = previous ? now.at - previous.at : 0;
+    for (const [id, , , unit, figures] of CHARTS) {
+      const chart = charts[id];
+      const values = figures(previous, now, dt);
+      chart.data[0].push(now.at);
+      values.forEach((v, i) => chart.data[i + 1].push(v));
+      if (chart.data[0].length > CHART_POINTS) chart.data.forEach((s) => s.shift());
+      chart.plot.setData(chart.data);
+      chart.box.dataset.samples = String(chart.data[0].length);
+      chart.now.textContent = values.map((v, i) => v === null ? "" :
+        `${chart.labels[i]}: ${v.toFixed(1)}`).filter(Boolean).join(", ") || `(${unit})`;
+    }
+    previous = now;
+  }
+  return {
+    node: h("div", {}, note, node),
+    start() {
+      if (timer || !build()) return;
+      sample();
+      timer = setInterval(sample, STATS_EVERY_MS);
+    },
+  };
+}
+
+// --- one VM: migration (cluster members only) ----------------------------------------------
+const MIGRATION_CANCELLABLE = ["requested", "preparing", "prepared", "performing"];
+const MIGRATION_DONE = ["completed", "failed", "cancelled"];
+
+function migrationPanel(name, base) {
+  const picker = h("select", {name: "to", id: "f-to"});
+  const toLabel = h("label", {for: "f-to"}, h("span", {}, "To host"), picker,
+    h("span", {class: "field-error", id: "e-to", role: "alert"}));
+  const quick = h("input", {type: "checkbox", id: "f-quick"});
+  const storage = h("input", {type: "checkbox", id: "f-with-storage"});
+  const form = actionForm("migrate", [], "Migrate",
+    [h("label", {class: "check"}, quick, "quick (save, move, restore)"),
+     h("label", {class: "check"}, storage, "with storage (copy the disks)")]);
+  form.prepend(toLabel);
+  const progress = h("div", {id: "migration"});
+  let timer = null;
+  submitWith(form, async () => {
+    await api("POST", `${base}/migrate`, {to: picker.value, quick: quick.checked,
+                                          with_storage: storage.checked});
+    toast(`migration of ${name} to ${picker.value} requested`);
+    watch();
+  });
+  async function loadHosts(vmHost) {
+    let status;
+    try {
+      status = await api("GET", "/v1/cluster");
+    } catch (error) { return; }
+    const hosts = status.hosts.filter((x) => x.name !== vmHost && x.health === "up");
+    picker.replaceChildren(...(hosts.length ? hosts.map((x) => h("option", {value: x.name},
+      `${x.name}${x.site ? ` (site ${x.site})` : ""}`))
+      : [h("option", {value: ""}, "no other host is up")]));
+  }
+  async function show() {
+    let m;
+    try {
+      m = await api("GET", `${base}/migration`);
+    } catch (error) {
+      if (error.status === 404) progress.replaceChildren(h("p", {class: "muted"},
+        "No migration on record."));
+      stop();
+      return;
+    }
+    const p = m.progress || {};
+    const total = (p.ram_total || 0) + (p.disk_total || 0);
+    const left = (p.ram_remaining || 0) + (p.disk_remaining || 0);
+    const done = MIGRATION_DONE.includes(m.phase);
+    const share = m.phase === "completed" ? 1 : total ? (total - left) / total : 0;
+    progress.replaceChildren(h("p", {},
+      `${m.source} → ${m.destination}: `, badge(m.phase), " ",
+      h("progress", {max: 1, value: share, id: "migration-progress"}),
+      ` ${Math.round(share * 100)}%`,
+      p.status ? h("span", {class: "muted"}, ` ${p.status}, pass ${p.passes}, ` +
+        `${bytes(p.ram_remaining)} RAM left`) : null,
+      m.reason ? h("span", {class: "error"}, ` ${m.reason}`) : null,
+      m.result && m.result.downtime_ms !== undefined ? h("span", {class: "muted"},
+        ` downtime ${m.result.downtime_ms} ms, ${m.result.total_time_ms} ms in all`) : null),
+      MIGRATION_CANCELLABLE.includes(m.phase) && !m.cancel_requested ? h("button", {
+        type: "button", class: "danger", "data-admin": true, "data-action": "cancel-migration",
+        onclick: async () => {
+          try {
+            await api("POST", `${base}/migration/cancel`);
+            toast("cancel requested");
+          } catch (error) { toast(`Cancel refused: ${error.message}`, true); }
+        }}, "Cancel migration") : null);
+    if (done) stop(); else watch();
+  }
+  function watch() { if (!timer) timer = setInterval(show, 2000); }
+  function stop() { clearInterval(timer); timer = null; }
+  return {
+    node: h("div", {}, progress, form),
+    refresh(vm) { loadHosts(vm.host); show(); },
+  };
+}
+
+// --- cluster -------------------------------------------------------------------------------
+function clusterPage() {
+  const body = h("div", {id: "cluster"});
+  async function load() {
+    if (!state.cluster) {
+      body.replaceChildren(h("div", {class: "card", id: "standalone"},
+        h("p", {}, `This host (${state.host}) is standalone: it is not a cluster member.`),
+        h("p", {class: "muted"}, "A cluster starts with parvisor cluster create " +
+          "(docs/cluster.md); this page then shows its hosts, quorum and manager.")));
+      return;
+    }
+    let status;
+    try {
+      status = await api("GET", "/v1/cluster");
+    } catch (error) {
+      body.replaceChildren(h("p", {class: "error"}, error.message));
+      return;
+    }
+    body.replaceChildren(clusterSummary(status), clusterHosts(status, load));
+  }
+  return {
+    name: "cluster",
+    render() {
+      load();
+      setInterval(load, 3000);          // lease ages move every second
+      return h("section", {}, h("h1", {}, "Cluster"), body);
+    },
+  };
+}
+
+function clusterSummary(status) {
+  const hostNames = new Set(status.hosts.map((x) => x.name));
+  const voters = status.etcd.filter((m) => m.voter);
+  // an etcd member that is no parvisor host is a witness (quorum only, no VMs)
+  const witnesses = status.etcd.filter((m) => !hostNames.has(m.name));
+  const rows = [
+    ["Cluster", status.cluster],
+    ["Quorum", status.quorum ? "yes" : `NO${status.error ? ": " + status.error : ""}`],
+    ["Manager", status.manager || "none"],
+    ["Voting members", `${voters.filter((m) => m.reachable).length} of ${voters.length} ` +
+      `reachable: ${voters.map((m) => m.name + (m.leader ? " (leader)" : "") +
+        (m.reachable ? "" : " (unreachable)")).join(", ") || "–"}`],
+    ["Witness", witnesses.map((m) => `${m.name}: ${m.reachable ? "reachable" : "unreachable"}` +
+      (m.voter ? "" : " (learner)")).join(", ") || "none"],
+    ["This host", status.this_host ? status.this_host.name : state.host]];
+  return h("div", {class: "card"}, h("dl", {class: "details", id: "cluster-summary"},
+    rows.flatMap(([key, value]) => [h("dt", {}, key),
+      h("dd", {"data-field": key.toLowerCase()}, value)])));
+}
+
+function clusterHosts(status, reload) {
+  const vmsOn = (host) => status.vms.filter((vm) => vm.host === host).length;
+  const rows = status.hosts.map((x) => h("tr", {"data-host": x.name},
+    h("td", {}, x.name, x.manager ? h("span", {class: "badge"}, "manager") : null),
+    h("td", {}, badge(x.health === "up" ? "running" : x.health === "down" ? "lost" : "paused"),
+      " ", h("span", {"data-health": x.health}, x.health)),
+    h("td", {class: "num"}, x.lease_age_s === null ? "–" : `${x.lease_age_s} s of ${x.lease_ttl_s} s`),
+    h("td", {}, x.site || "–"),
+    h("td", {class: "num"}, vmsOn(x.name)),
+    h("td", {class: "num"}, x.cpus ?? "–"), h("td", {class: "num"}, bytes(x.memory_bytes)),
+    h("td", {"data-admin": true}, x.health === "maintenance"
+      ? h("button", {type: "button", "data-action": "resume-host", onclick: () =>
+          hostAction(x.name, "resume", reload)}, "Resume")
+      : confirmButton("Drain", `Drain ${x.name}? Its VMs move to other hosts.`,
+          "drain-host", () => hostAction(x.name, "drain", reload)))));
+  return h("table", {class: "grid"}, h("thead", {}, h("tr", {},
+    ["Host", "Health", "Lease age", "Site", "VMs", "CPUs", "Memory", ""].map((t) =>
+      h("th", {}, t)))), h("tbody", {id: "host-rows"}, rows));
+}
+
+async function hostAction(host, action, reload) {
+  try {
+    const answer = await api("POST", `/v1/cluster/hosts/${encodeURIComponent(host)}/${action}`);
+    toast(`${host}: ${answer.note || action}`);
+    reload();
+  } catch (error) { toast(`${action} refused: ${error.message}`, true); }
+}
+
+// --- switches ------------------------------------------------------------------------------
+const SWITCH_TYPES = {private: [], internal: ["host_address"], nat: ["subnet"],
+                      external: ["uplink"]};
+
+function switchesPage() {
+  const body = h("tbody", {id: "switch-rows"});
+  const name = field("name", "Name", {maxlength: 32, placeholder: "letters, digits, - _"});
+  const type = h("select", {name: "type", id: "f-type"},
+    Object.keys(SWITCH_TYPES).map((t) => h("option", {value: t}, t)));
+  const extra = {host_address: field("host_address", "Host address", {placeholder: "10.20.30.1/24"}),
+                 subnet: field("subnet", "Subnet (optional)", {placeholder: "10.213.7.0/24"}),
+                 uplink: field("uplink", "Uplink interface", {placeholder: "eth0"})};
+  const notes = field("notes", "Notes", {maxlength: 1024});
+  const form = h("form", {class: "card form", id: "switch-form", novalidate: true,
+                          "data-admin": true},
+    h("h2", {}, "New switch"), name.label,
+    h("label", {for: "f-type"}, h("span", {}, "Type"), type,
+      h("span", {class: "field-error", id: "e-type", role: "alert"})),
+    Object.values(extra).map((f) => f.label), notes.label,
+    h("p", {class: "form-error error", role: "alert"}),
+    h("button", {type: "submit"}, "Create switch"));
+  const showFields = () => Object.entries(extra).forEach(([key, f]) => {
+    f.label.hidden = !SWITCH_TYPES[type.value].includes(key);
+  });
+  type.addEventListener("change", showFields);
+  showFields();
+  submitWith(form, async () => {
+    const request = {name: name.input.value.trim(), type: type.value};
+    for (const key of SWITCH_TYPES[type.value]) {
+      if (extra[key].input.value.trim()) request[key] = extra[key].input.value.trim();
+    }
+    if (notes.input.value) request.notes = notes.input.value;
+    await api("POST", "/v1/switches", request);
+    toast(`switch ${request.name} created`);
+    name.input.value = "";
+    load();
+  });
+  async function load() {
+    const switches = await api("GET", "/v1/switches");
+    body.replaceChildren(...switches.map((s) => switchRow(s, load)));
+    if (!switches.length) body.append(h("tr", {}, h("td", {colspan: 6, class: "muted"},
+      "No switches.")));
+  }
+  return {
+    name: "switches",
+    render() {
+      load();
+      return h("section", {}, h("h1", {}, "Virtual switches"),
+        h("table", {class: "grid"}, h("thead", {}, h("tr", {},
+          ["Name", "Type", "Network", "Bridge", "Notes", ""].map((t) => h("th", {}, t)))),
+          body), form);
+    },
+    onEvents: (events) => { if (events.some((e) => e.kind === "switch")) load(); },
+  };
+}
+
+function switchRow(s, reload) {
+  const d = s.definition;
+  const problem = h("span", {class: "error row-error", role: "alert"});
+  return h("tr", {"data-switch": d.name},
+    h("td", {}, d.name), h("td", {}, d.type),
+    h("td", {}, d.host_address || d.subnet || (d.uplink ? `uplink ${d.uplink}` : "–")),
+    h("td", {}, s.bridge, s.bridge_present ? "" : " (missing)"),
+    h("td", {}, d.notes || ""),
+    h("td", {"data-admin": true}, confirmButton("Delete", `Delete switch ${d.name}?`,
+      "delete-switch", async () => {
+        problem.textContent = "";
+        try {
+          await api("DELETE", `/v1/switches/${encodeURIComponent(d.name)}`);
+          toast(`switch ${d.name} deleted`);
+          reload();
+        } catch (error) { problem.textContent = error.message; }
+      }), " ", problem));
+}
+
+// --- disks ---------------------------------------------------------------------------------
+function disksPage() {
+  const body = h("tbody", {id: "disk-rows"});
+  const roots = h("p", {class: "muted", id: "disk-roots"});
+  const info = h("div", {class: "card", id: "disk-info", hidden: true});
+  const path = field("path", "Path (inside a storage root)", {maxlength: 4096});
+  const size = field("size", "Size", {placeholder: "10G, 512M"});
+  const format = h("select", {name: "format", id: "f-format"},
+    ["qcow2", "raw"].map((f) => h("option", {value: f}, f)));
+  const parent = field("parent", "Parent (optional: a differencing disk)", {maxlength: 4096});
+  const form = h("form", {class: "card form", id: "disk-form", novalidate: true,
+                          "data-admin": true},
+    h("h2", {}, "New disk"), path.label, size.label,
+    h("label", {for: "f-format"}, h("span", {}, "Format"), format,
+      h("span", {class: "field-error", id: "e-format", role: "alert"})),
+    parent.label, h("p", {class: "form-error error", role: "alert"}),
+    h("button", {type: "submit"}, "Create disk"));
+  submitWith(form, async () => {
+    const request = {path: path.input.value.trim(), format: format.value};
+    if (size.input.value.trim()) request.size = size.input.value.trim();
+    if (parent.input.value.trim()) request.parent = parent.input.value.trim();
+    const made = await api("POST", "/v1/disks", request);
+    toast(`disk ${made.path} created`);
+    load();
+  });
+  async function showInfo(file) {
+    info.hidden = false;
+    try {
+      const d = await api("GET", `/v1/disks/info?path=${encodeURIComponent(file)}`);
+      const rows = [["Path", d.path], ["Format", d.format],
+        ["Virtual size", bytes(d.virtual_size)], ["On disk", bytes(d.actual_size)],
+        ["Parent", d.backing_file || "–"],
+        ["Chain", d.chain.map((c) => c.path || JSON.stringify(c)).join(" → ") || "–"],
+        ["Chain problem", d.chain_error || "none"], ["Damaged", d.corrupt ? "yes" : "no"],
+        ["Used by", d.used_by.join(", ") || "no VM"]];
+      info.replaceChildren(h("h2", {}, "Disk info"), h("dl", {class: "details"},
+        rows.flatMap(([k, v]) => [h("dt", {}, k), h("dd", {"data-field": k.toLowerCase()}, v)])));
+    } catch (error) {
+      info.replaceChildren(h("p", {class: "error"}, error.message));
+    }
+  }
+  async function load() {
+    const listing = await api("GET", "/v1/disks");
+    roots.textContent = `Storage roots: ${listing.roots.join(", ")}` +
+      (listing.truncated ? " (list truncated)" : "");
+    if (!path.input.value) path.input.value = listing.roots[0] + "/";
+    body.replaceChildren(...listing.disks.map((d) => h("tr", {"data-path": d.path},
+      h("td", {}, d.path), h("td", {}, d.format), h("td", {class: "num"}, bytes(d.file_bytes)),
+      h("td", {class: "num"}, bytes(d.allocated_bytes)),
+      h("td", {}, d.used_by.join(", ") || "–"),
+      h("td", {class: "nowrap"}, d.modified ? when(d.modified) : "–"),
+      h("td", {}, h("button", {type: "button", "data-action": "disk-info",
+                               onclick: () => showInfo(d.path)}, "Info")))));
+  }
+  return {
+    name: "disks",
+    render() {
+      load();
+      return h("section", {}, h("h1", {}, "Disks"), roots,
+        h("table", {class: "grid"}, h("thead", {}, h("tr", {},
+          ["Path", "Format", "File size", "Allocated", "Used by", "Modified", ""].map((t) =>
+            h("th", {}, t)))), body), info, form);
+    },
   };
 }
 
