@@ -244,3 +244,25 @@ def _both_members(m: Machine) -> dict | None:
     status = m.json("cluster", "status")
     members = {h["name"] for h in status.get("hosts", []) if h["member"]}
     return status if {"a", "b"} <= members else None
+
+
+def test_bad_input_changes_nothing():
+    state = short_state_dir("pvcx-")
+    try:
+        (state / "config.toml").write_text('host_name = "x"\n')
+        env = {**os.environ, "PARVISOR_STATE_DIR": str(state)}
+
+        def cli(*args: str) -> subprocess.CompletedProcess:
+            return subprocess.run([PARVISOR, *args], env=env, capture_output=True,
+                                  text=True, timeout=60)
+        for bad in ("http://10.0.0.1:2379", "https://10.0.0.1:2379,https://10.0.0.1:2379"):
+            done = cli("cluster", "create", "prod", "--etcd", bad)
+            assert done.returncode == 1 and done.stderr.startswith("error: "), done.stderr
+        assert not (state / "cluster").exists()
+        done = cli("cluster", "join", "prod", "--etcd", "https://10.0.0.1:2379")
+        assert done.returncode == 1 and "no cluster CA" in done.stderr
+        done = cli("cluster", "leave")
+        assert done.returncode == 1 and "not a cluster member" in done.stderr
+        assert (state / "config.toml").read_text() == 'host_name = "x"\n'
+    finally:
+        shutil.rmtree(state, ignore_errors=True)
