@@ -882,12 +882,14 @@ function clusterSummary(status) {
       h("dd", {"data-field": key.toLowerCase()}, value)])));
 }
 
+const HEALTH_LOOK = {up: "ok", maintenance: "paused", down: "lost"};   // badge colours
+
 function clusterHosts(status, reload) {
   const vmsOn = (host) => status.vms.filter((vm) => vm.host === host).length;
   const rows = status.hosts.map((x) => h("tr", {"data-host": x.name},
-    h("td", {}, x.name, x.manager ? h("span", {class: "badge"}, "manager") : null),
-    h("td", {}, badge(x.health === "up" ? "running" : x.health === "down" ? "lost" : "paused"),
-      " ", h("span", {"data-health": x.health}, x.health)),
+    h("td", {}, x.name, " ", x.manager ? h("span", {class: "badge"}, "manager") : null),
+    h("td", {}, h("span", {class: `badge s-${HEALTH_LOOK[x.health] || "lost"}`,
+                           "data-health": x.health}, x.health)),
     h("td", {class: "num"}, x.lease_age_s === null ? "–" : `${x.lease_age_s} s of ${x.lease_ttl_s} s`),
     h("td", {}, x.site || "–"),
     h("td", {class: "num"}, vmsOn(x.name)),
