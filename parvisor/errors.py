@@ -147,6 +147,12 @@ class MigrationFailed(MigrationError):
     code = "migration_failed"
 
 
+class ReplicationFailed(Failed):
+    """Disk replication could not start, broke, or a cycle did not complete."""
+
+    code = "replication_failed"
+
+
 class MigrationCancelled(MigrationError):
     """Cancelled on request: nothing moved, like a refusal, hence 409."""
 

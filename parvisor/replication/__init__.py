@@ -1,0 +1,1 @@
+"""Replicated VM storage: the protocol and placement (pure) and the QEMU engine."""

@@ -1,0 +1,676 @@
+"""The QEMU side of disk replication on the primary host (engine only: the protocol and
+cluster decisions live in ``parvisor.replication.protocol``; the replica's side is
+``parvisor.replication.target.ReplicaTarget``).
+
+Synchronous mode (RPO 0)::
+
+    rep = await start_sync(process, "fmt-vdb", target.nbd_uri, export="disk",
+                           tls_dir=tls, stall_limit_s=5.0)
+    rep.status()                        # ReplicationProgress: initial-sync -> in-sync
+    await rep.wait_in_sync(timeout)
+    # the replica stops answering: within stall_limit_s the link is cut, the VM carries
+    # on alone, rep.status().state == "broken" (guest writes are recorded in bitmaps)
+    await rep.resync(target.nbd_uri)    # incremental when possible, else a full copy
+    await rep.stop()                    # no replication any more (bitmaps removed)
+
+``blockdev-mirror`` with ``copy-mode=write-blocking`` from the disk's format node into
+an NBD client node: a guest write completes only once it is on the replica (the replica
+exports ``writethrough``, so it is on its disk too).
+
+The stall limit: QEMU 7.2's NBD client has no request timeout (``reconnect-delay`` and
+``open-timeout`` only apply while *connecting*) and its inet address has ``keep-alive``
+but no idle/user-timeout knobs, so a peer that is stopped while its kernel still ACKs
+(or a link that drops packets) would block guest writes forever. The engine therefore
+makes the TCP connection itself (TCP_USER_TIMEOUT = the limit, keep-alive), hands it to
+QEMU (``getfd`` + an ``fd`` socket address) and keeps a duplicate. A supervisor polls the
+socket's TCP_INFO: when a request has been out (data sent after the last data received)
+for the stall limit, it shuts the socket down. QEMU's NBD client (``reconnect-delay=0``)
+then fails the in-flight requests, the mirror (``on-target-error=report``) ends with an
+error, and the guest's blocked writes complete from the source alone.
+
+While replicating, two persistent dirty bitmaps (``repl-a``/``repl-b``) record guest
+writes. Only while the mirror is in sync, one of them is cleared every ``rotation_s``
+(> stall limit): at any break their union covers every write not on the replica (a
+write in flight at the break started less than a stall limit ago). Resync then: a
+``sync=none`` write-blocking mirror first (new writes go to the replica synchronously),
+then ``blockdev-backup sync=bitmap`` of the union over a second connection. The backup's
+copy-before-write filter sits *below* the mirror's filter, so for a block that is both
+copied and written, the old copy reaches the replica before the guest write proceeds,
+and the mirror's copy of the new data after it: an old block never overwrites a newer
+one. If the mirror never reached in-sync, the resync is a full copy.
+
+Asynchronous mode, one cycle (the replica's image is the last complete cycle)::
+
+    uri = await target.begin_cycle()                  # replica: a fresh overlay
+    report = await run_async_cycle(process, "fmt-vdb", uri, export="disk")
+    await target.commit_cycle()                       # replica: overlay -> image
+    await confirm_async_cycle(process, "fmt-vdb")     # primary: forget shipped blocks
+    # on any failure: await target.abort_cycle(); await abandon_async_cycle(process, node)
+
+Persistent bitmaps ``repl-async-<n>``: a cycle atomically (``transaction``) starts
+bitmap n+1, freezes bitmap n and starts a point-in-time backup of n's blocks; bitmap n
+is deleted only after the replica committed (``confirm``), otherwise merged into n+1
+(``abandon``): a failed cycle loses no change. The first cycle ships everything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import struct
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from parvisor.errors import InvalidInput, QmpError, ReplicationFailed, VmError
+from parvisor.migration.engine import TLS_OBJECT_ID, _tls_object
+from parvisor.vm.process import QemuProcess
+
+log = logging.getLogger(__name__)
+
+DEFAULT_STALL_LIMIT_S = 5.0
+POLL_S = 0.1
+BITMAPS = ("repl-a", "repl-b")
+ASYNC_PREFIX = "repl-async-"
+RESYNC_BITMAP = "repl-resync"
+JOB_END_TIMEOUT_S = 30.0
+TCP_USER_TIMEOUT = getattr(socket, "TCP_USER_TIMEOUT", 18)
+# struct tcp_info (linux/tcp.h): 8 bytes of u8 fields, then u32s; the two we need:
+TCPI_LAST_DATA_SENT, TCPI_LAST_DATA_RECV = 44, 52
+
+STATES = ("initial-sync", "in-sync", "resyncing", "broken", "stopped")
+
+
+# --- pure parts -------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ConsistentPoint:
+    """A moment the replica holds: monotonic for arithmetic, wall time for display."""
+
+    monotonic: float
+    wall: float
+
+
+@dataclass(frozen=True)
+class ReplicationProgress:
+    state: str
+    bytes_total: int
+    bytes_done: int
+    bytes_behind: int
+    last_consistent_at: ConsistentPoint | None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class CycleReport:
+    bytes_shipped: int
+    consistent_at: ConsistentPoint
+    duration_s: float
+    full: bool
+
+
+def parse_nbd_uri(uri: str) -> tuple[str, int]:
+    parts = urlsplit(uri)
+    if parts.scheme != "nbd" or not parts.hostname or parts.port is None:
+        raise InvalidInput(f"not an nbd://HOST:PORT uri: {uri}")
+    return parts.hostname, parts.port
+
+
+def check_stall_limit(stall_limit_s: float) -> float:
+    if not 0.5 <= stall_limit_s <= 300:
+        raise InvalidInput(f"stall limit must be 0.5..300 s, not {stall_limit_s}")
+    return float(stall_limit_s)
+
+
+def rotation_period(stall_limit_s: float) -> float:
+    """How often one bitmap is cleared while in sync: well over a stall limit, so a
+    write in flight at a clear is always in the other bitmap."""
+    return max(30.0, 4 * stall_limit_s)
+
+
+def job_progress(state: str, job: dict[str, Any] | None, *,
+                 consistent: ConsistentPoint | None, error: str | None = None
+                 ) -> ReplicationProgress:
+    """Progress from a ``query-block-jobs`` entry (None: no job)."""
+    total = int(job.get("len", 0)) if job else 0
+    done = int(job.get("offset", 0)) if job else 0
+    behind = 0 if state == "in-sync" else max(0, total - done)
+    return ReplicationProgress(state, total, done, behind, consistent, error)
+
+
+@dataclass
+class StallWatch:
+    """Is a request to the replica unanswered, and since when (pure; fed TCP_INFO).
+
+    A request is out when data was sent after the last data received (NBD answers
+    every request). The start is taken conservatively: the later of the last receive
+    and the previous poll that saw nothing out, so the watch never reports late."""
+
+    since: float | None = None
+    last_poll: float | None = None
+    recv_at: float | None = None
+
+    def observe(self, now: float, sent_ago_s: float, recv_ago_s: float) -> float:
+        """Seconds the oldest outstanding request may have waited (0: none out)."""
+        recv_at = now - recv_ago_s
+        outstanding = sent_ago_s < recv_ago_s
+        previous_poll, self.last_poll = self.last_poll, now
+        if not outstanding:
+            self.since = self.recv_at = None
+            return 0.0
+        if self.since is None or (self.recv_at is not None and recv_at > self.recv_at + 0.05):
+            floor = previous_poll if previous_poll is not None else now - sent_ago_s
+            self.since = max(recv_at, min(floor, now - sent_ago_s))
+            self.recv_at = recv_at
+        return now - self.since
+
+
+@dataclass
+class BitmapRotation:
+    """Which of the two bitmaps to clear next, and when (pure)."""
+
+    period_s: float
+    cleared_at: dict[str, float] = field(default_factory=dict)
+
+    def due(self, now: float, in_sync_since: float | None) -> str | None:
+        if in_sync_since is None:
+            return None
+        oldest = min(BITMAPS, key=lambda b: self.cleared_at.get(b, in_sync_since))
+        other = BITMAPS[1 - BITMAPS.index(oldest)]
+        # the other bitmap must have been recording for a full period (since in sync)
+        other_since = max(self.cleared_at.get(other, in_sync_since), in_sync_since)
+        if now - other_since >= self.period_s and \
+                now - self.cleared_at.get(oldest, in_sync_since) >= self.period_s:
+            return oldest
+        return None
+
+    def mark(self, name: str, now: float) -> None:
+        self.cleared_at[name] = now
+
+
+def async_generations(bitmap_names: list[str]) -> list[int]:
+    return sorted(int(n[len(ASYNC_PREFIX):]) for n in bitmap_names
+                  if n.startswith(ASYNC_PREFIX) and n[len(ASYNC_PREFIX):].isdigit())
+
+
+def tcp_info_times(info: bytes) -> tuple[float, float]:
+    """(seconds since data was last sent, since data was last received)."""
+    sent, = struct.unpack_from("I", info, TCPI_LAST_DATA_SENT)
+    recv, = struct.unpack_from("I", info, TCPI_LAST_DATA_RECV)
+    return sent / 1000.0, recv / 1000.0
+
+
+# --- the link: our own TCP connection, handed to QEMU ---------------------------------------
+class Link:
+    """One TCP connection to the replica's NBD server; QEMU gets it, we keep a dup."""
+
+    def __init__(self, sock: socket.socket, stall_limit_s: float) -> None:
+        self.sock = sock
+        self.watch = StallWatch()
+        self.stall_limit_s = stall_limit_s
+        self.cut = False
+
+    @classmethod
+    async def open(cls, host: str, port: int, stall_limit_s: float) -> "Link":
+        loop = asyncio.get_running_loop()
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        # the kernel gives up on unacknowledged data after the limit (a dead link)
+        sock.setsockopt(socket.IPPROTO_TCP, TCP_USER_TIMEOUT, int(stall_limit_s * 1000))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            await asyncio.wait_for(loop.sock_connect(sock, (host, port)), stall_limit_s)
+        except (OSError, asyncio.TimeoutError) as exc:
+            sock.close()
+            raise ReplicationFailed(f"cannot reach the replica at {host}:{port}: "
+                                    f"{exc or 'timed out'}") from exc
+        return cls(sock, stall_limit_s)
+
+    def stalled_for(self, now: float) -> float:
+        if self.cut:
+            return 0.0
+        try:
+            info = self.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+        except OSError:
+            return 0.0
+        return self.watch.observe(now, *tcp_info_times(info))
+
+    def shut(self) -> None:
+        """Cut the connection under QEMU: its pending NBD requests fail at once."""
+        self.cut = True
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+async def _execute(process: QemuProcess, command: str, arguments: dict[str, Any] | None = None
+                   ) -> Any:
+    return await process.qmp.execute(command, arguments)
+
+
+async def _add_nbd_node(process: QemuProcess, node: str, link: Link, export: str,
+                        host: str, tls_dir: Path | None) -> None:
+    fd_name = f"{node}-fd"
+    await process.qmp.send_fd(link.sock.fileno(), fd_name)
+    spec: dict[str, Any] = {"driver": "nbd", "node-name": node, "export": export,
+                            "server": {"type": "fd", "str": fd_name},
+                            "reconnect-delay": 0}
+    if tls_dir is not None:
+        await _tls_object(process, Path(tls_dir), "client")
+        spec["tls-creds"] = TLS_OBJECT_ID
+        spec["tls-hostname"] = host
+    await _execute(process, "blockdev-add", spec)
+
+
+async def _del_node(process: QemuProcess, node: str) -> None:
+    try:
+        await _execute(process, "blockdev-del", {"node-name": node})
+    except QmpError as exc:
+        log.debug("blockdev-del %s: %s", node, exc.message)
+
+
+async def _jobs(process: QemuProcess) -> dict[str, dict[str, Any]]:
+    return {j["device"]: j for j in await _execute(process, "query-block-jobs")}
+
+
+async def _bitmaps(process: QemuProcess, node: str) -> list[dict[str, Any]]:
+    for entry in await _execute(process, "query-named-block-nodes", {"flat": True}):
+        if entry.get("node-name") == node:
+            return list(entry.get("dirty-bitmaps", []))
+    raise InvalidInput(f"no block node {node!r} in this VM")
+
+
+async def _node_format(process: QemuProcess, node: str) -> str:
+    for entry in await _execute(process, "query-named-block-nodes", {"flat": True}):
+        if entry.get("node-name") == node:
+            return str(entry.get("drv"))
+    raise InvalidInput(f"no block node {node!r} in this VM")
+
+
+async def _cancel_job(process: QemuProcess, job: str, timeout: float = JOB_END_TIMEOUT_S
+                      ) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    try:
+        await _execute(process, "block-job-cancel", {"device": job, "force": True})
+    except QmpError:
+        pass        # already gone
+    while job in await _jobs(process):
+        if loop.time() >= deadline:
+            raise ReplicationFailed(f"block job {job} did not end after cancel")
+        await asyncio.sleep(0.02)
+
+
+def _job_end(process: QemuProcess, job: str) -> "asyncio.Future[dict[str, Any]]":
+    """The first COMPLETED/CANCELLED event of ``job`` (with ``event`` added)."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[dict[str, Any]] = loop.create_future()
+    futures = {name: process.expect_event(name, lambda d: d.get("device") == job)
+               for name in ("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED")}
+    for name, fut in futures.items():
+        fut.add_done_callback(lambda f, n=name: None if f.cancelled() or done.done()
+                              else done.set_result({"event": n, **f.result()}))
+    done.add_done_callback(lambda _: [f.cancel() for f in futures.values()])
+    return done
+
+
+# --- synchronous mode -------------------------------------------------------------------
+class SyncReplication:
+    """One disk of one VM replicated synchronously. Create with ``start_sync``."""
+
+    def __init__(self, process: QemuProcess, node: str, export: str, tls_dir: Path | None,
+                 stall_limit_s: float, persistent: bool) -> None:
+        self.process = process
+        self.node = node
+        self.export = export
+        self.tls_dir = tls_dir
+        self.stall_limit_s = stall_limit_s
+        self.persistent = persistent
+        self.mirror_job = f"rpl-m-{node}"
+        self.backup_job = f"rpl-b-{node}"
+        self.nbd_nodes = (f"rpl-m-{node}", f"rpl-b-{node}")   # nodes and jobs share names
+        self.state = "stopped"
+        self.error: str | None = None
+        self.links: list[Link] = []
+        self.ever_in_sync = False
+        self.in_sync_since: float | None = None
+        self.broken_at: float | None = None
+        self.rotation = BitmapRotation(rotation_period(stall_limit_s))
+        self._supervisor: asyncio.Task[None] | None = None
+        self._backup_len = 0
+
+    # --- status ------------------------------------------------------------------------
+    async def status(self) -> ReplicationProgress:
+        jobs = await _jobs(self.process) if self.process.qmp.connected else {}
+        job = jobs.get(self.backup_job) or jobs.get(self.mirror_job)
+        consistent = None
+        if self.state == "in-sync":
+            consistent = ConsistentPoint(time.monotonic(), time.time())
+        return job_progress(self.state, job, consistent=consistent, error=self.error)
+
+    async def wait_in_sync(self, timeout: float) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self.state != "in-sync":
+            if self.state in ("broken", "stopped"):
+                raise ReplicationFailed(f"replication {self.state}: {self.error}")
+            if loop.time() >= deadline:
+                raise ReplicationFailed(f"not in sync after {timeout:g} s")
+            await asyncio.sleep(POLL_S / 2)
+
+    # --- starting ------------------------------------------------------------------------
+    async def _ensure_bitmaps(self) -> None:
+        present = {b["name"] for b in await _bitmaps(self.process, self.node)}
+        for name in BITMAPS:
+            if name not in present:
+                await _execute(self.process, "block-dirty-bitmap-add", {
+                    "node": self.node, "name": name, "persistent": self.persistent})
+
+    async def _connect(self, uri: str, count: int) -> None:
+        host, port = parse_nbd_uri(uri)
+        for node in self.nbd_nodes[:count]:
+            link = await Link.open(host, port, self.stall_limit_s)
+            self.links.append(link)
+            await _add_nbd_node(self.process, node, link, self.export, host, self.tls_dir)
+
+    async def _start_mirror(self, sync: str) -> None:
+        await _execute(self.process, "blockdev-mirror", {
+            "job-id": self.mirror_job, "device": self.node, "target": self.nbd_nodes[0],
+            "sync": sync, "copy-mode": "write-blocking", "on-target-error": "report",
+            "on-source-error": "report"})
+
+    async def _full(self, uri: str) -> None:
+        self.state = "initial-sync"
+        self.in_sync_since = None
+        await self._connect(uri, 1)
+        await self._start_mirror("full")
+        self._supervise()
+
+    async def _incremental(self, uri: str) -> None:
+        """New writes mirrored synchronously first, then the recorded blocks copied."""
+        self.state = "resyncing"
+        self.in_sync_since = None
+        await self._connect(uri, 2)
+        await self._start_mirror("none")
+        names = [b["name"] for b in await _bitmaps(self.process, self.node)]
+        if RESYNC_BITMAP in names:
+            await _execute(self.process, "block-dirty-bitmap-remove",
+                           {"node": self.node, "name": RESYNC_BITMAP})
+        # the union is taken after the mirror runs: later writes reach the replica anyway
+        await _execute(self.process, "transaction", {"actions": [
+            {"type": "block-dirty-bitmap-add", "data": {
+                "node": self.node, "name": RESYNC_BITMAP, "disabled": True}},
+            {"type": "block-dirty-bitmap-merge", "data": {
+                "node": self.node, "target": RESYNC_BITMAP, "bitmaps": list(BITMAPS)}}]})
+        await _execute(self.process, "blockdev-backup", {
+            "job-id": self.backup_job, "device": self.node, "target": self.nbd_nodes[1],
+            "sync": "bitmap", "bitmap": RESYNC_BITMAP, "bitmap-mode": "never",
+            "on-target-error": "report", "on-source-error": "report"})
+        self._supervise()
+
+    def _supervise(self) -> None:
+        self._supervisor = asyncio.ensure_future(self._run_supervisor())
+
+    # --- the supervisor ------------------------------------------------------------------
+    async def _run_supervisor(self) -> None:
+        try:
+            while self.state in ("initial-sync", "in-sync", "resyncing"):
+                await self._tick()
+                await asyncio.sleep(POLL_S)
+        except asyncio.CancelledError:
+            raise
+        except VmError as exc:
+            await self._break(f"lost QEMU's control channel: {exc.message}")
+        except Exception as exc:     # never leave guest writes at the mercy of a bug
+            log.exception("replication supervisor failed")
+            await self._break(f"supervisor failed: {exc}")
+
+    async def _tick(self) -> None:
+        now = time.monotonic()
+        for link in self.links:
+            stalled = link.stalled_for(now)
+            if stalled >= self.stall_limit_s:
+                await self._break(f"the replica did not answer for {stalled:.1f} s"
+                                  f" (limit {self.stall_limit_s:g} s)")
+                return
+        if self.process.exited:
+            await self._break("the VM's QEMU exited")
+            return
+        jobs = await _jobs(self.process)
+        mirror = jobs.get(self.mirror_job)
+        if mirror is None or mirror.get("status") in ("concluded", "aborting"):
+            await self._break(f"the mirror to the replica ended: "
+                              f"{(mirror or {}).get('error') or 'target failed'}")
+            return
+        if self.state == "resyncing":
+            backup = jobs.get(self.backup_job)
+            if backup is not None:
+                self._backup_len = int(backup.get("len", 0))
+                if backup.get("status") == "concluded":
+                    if backup.get("error"):
+                        await self._break(f"resync failed: {backup['error']}")
+                        return
+                    await _execute(self.process, "job-dismiss", {"id": self.backup_job})
+                    await self._resync_done()
+            else:
+                await self._resync_done()
+        elif mirror.get("ready") and self.state == "initial-sync":
+            self._now_in_sync(now)
+        if self.state == "in-sync":
+            await self._rotate(now)
+
+    def _now_in_sync(self, now: float) -> None:
+        self.state = "in-sync"
+        self.ever_in_sync = True
+        self.in_sync_since = now
+        self.rotation = BitmapRotation(rotation_period(self.stall_limit_s))
+        log.info("replication of %s: in sync", self.node)
+
+    async def _resync_done(self) -> None:
+        await _del_node(self.process, self.nbd_nodes[1])
+        try:
+            await _execute(self.process, "block-dirty-bitmap-remove",
+                           {"node": self.node, "name": RESYNC_BITMAP})
+        except QmpError:
+            pass
+        self._now_in_sync(time.monotonic())
+
+    async def _rotate(self, now: float) -> None:
+        name = self.rotation.due(now, self.in_sync_since)
+        if name is not None:
+            await _execute(self.process, "block-dirty-bitmap-clear",
+                           {"node": self.node, "name": name})
+            self.rotation.mark(name, now)
+
+    async def _break(self, reason: str) -> None:
+        """Cut the links first (releases blocked guest writes), then clean up."""
+        if self.state in ("broken", "stopped"):
+            return
+        log.warning("replication of %s broken: %s", self.node, reason)
+        self.state, self.error, self.broken_at = "broken", reason, time.monotonic()
+        self.in_sync_since = None
+        for link in self.links:
+            link.shut()
+        await self._teardown()
+
+    async def _teardown(self) -> None:
+        if not self.process.exited and self.process.qmp.connected:
+            jobs = await _jobs(self.process)
+            for job in (self.backup_job, self.mirror_job):
+                if job in jobs:
+                    if jobs[job].get("status") == "concluded":
+                        await _execute(self.process, "job-dismiss", {"id": job})
+                    else:
+                        await _cancel_job(self.process, job)
+            for node in self.nbd_nodes:
+                await _del_node(self.process, node)
+        for link in self.links:
+            link.close()
+        self.links = []
+
+    # --- after a break -------------------------------------------------------------------
+    async def resync(self, uri: str) -> str:
+        """Replicate again after a break; "incremental" or "full" (what was done)."""
+        if self.state not in ("broken",):
+            raise InvalidInput(f"resync needs a broken replication, this one is {self.state}")
+        self.error = None
+        if self.ever_in_sync:
+            await self._incremental(uri)
+            return "incremental"
+        await self._full(uri)
+        return "full"
+
+    async def stop(self) -> None:
+        """End replication: jobs cancelled, links closed, bitmaps removed."""
+        task, self._supervisor = self._supervisor, None
+        self.state = "stopped"
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        await self._teardown()
+        if not self.process.exited and self.process.qmp.connected:
+            for bitmap in (*BITMAPS, RESYNC_BITMAP):
+                try:
+                    await _execute(self.process, "block-dirty-bitmap-remove",
+                                   {"node": self.node, "name": bitmap})
+                except QmpError:
+                    pass
+
+
+async def start_sync(process: QemuProcess, disk_node: str, target_uri: str, *,
+                     export: str = "disk", tls_dir: Path | None = None,
+                     stall_limit_s: float = DEFAULT_STALL_LIMIT_S) -> SyncReplication:
+    """Start synchronous replication of ``disk_node`` (a format node, e.g. ``fmt-vdb``)
+    into the replica's NBD export; returns at once (initial sync in the background)."""
+    stall_limit_s = check_stall_limit(stall_limit_s)
+    parse_nbd_uri(target_uri)
+    fmt = await _node_format(process, disk_node)
+    if (await _jobs(process)).get(f"rpl-m-{disk_node}"):
+        raise InvalidInput(f"{disk_node} is already being replicated")
+    rep = SyncReplication(process, disk_node, export, tls_dir, stall_limit_s,
+                          persistent=(fmt == "qcow2"))
+    await rep._ensure_bitmaps()
+    try:
+        await rep._full(target_uri)
+    except BaseException:
+        rep.state = "broken"
+        await rep.stop()
+        raise
+    return rep
+
+
+# --- asynchronous mode ------------------------------------------------------------------
+async def run_async_cycle(process: QemuProcess, disk_node: str, target_uri: str, *,
+                          export: str = "disk", tls_dir: Path | None = None,
+                          stall_limit_s: float = DEFAULT_STALL_LIMIT_S,
+                          timeout: float = 3600.0) -> CycleReport:
+    """Ship the blocks changed since the last confirmed cycle (all, the first time) as
+    they were at the start of this call. On failure the changes are kept for the next
+    cycle (``abandon_async_cycle`` is done here) and ReplicationFailed is raised."""
+    check_stall_limit(stall_limit_s)
+    host, port = parse_nbd_uri(target_uri)
+    fmt = await _node_format(process, disk_node)
+    generations = await _settle_generations(process, disk_node)
+    current = generations[-1] if generations else None
+    link = await Link.open(host, port, stall_limit_s)
+    nbd, job = f"rpl-a-{disk_node}", f"rpl-a-{disk_node}"
+    started = time.monotonic()
+    try:
+        await _add_nbd_node(process, nbd, link, export, host, tls_dir)
+        ended = _job_end(process, job)
+        new = f"{ASYNC_PREFIX}{(current or 0) + 1}"
+        actions: list[dict[str, Any]] = [{"type": "block-dirty-bitmap-add", "data": {
+            "node": disk_node, "name": new, "persistent": fmt == "qcow2"}}]
+        backup: dict[str, Any] = {"job-id": job, "device": disk_node, "target": nbd,
+                                  "sync": "full", "on-target-error": "report"}
+        if current is not None:
+            old = f"{ASYNC_PREFIX}{current}"
+            actions.append({"type": "block-dirty-bitmap-disable",
+                            "data": {"node": disk_node, "name": old}})
+            backup.update({"sync": "bitmap", "bitmap": old, "bitmap-mode": "never"})
+        actions.append({"type": "blockdev-backup", "data": backup})
+        await _execute(process, "transaction", {"actions": actions})
+        point = ConsistentPoint(time.monotonic(), time.time())
+        event = await _follow_cycle(process, ended, link, stall_limit_s, timeout)
+        if event["event"] != "BLOCK_JOB_COMPLETED" or event.get("error"):
+            raise ReplicationFailed(f"replication cycle failed: "
+                                    f"{event.get('error') or event['event']}")
+        return CycleReport(int(event.get("offset", 0)), point, time.monotonic() - started,
+                           full=current is None)
+    except BaseException:
+        link.shut()
+        if not process.exited:
+            if job in await _jobs(process):
+                await _cancel_job(process, job)
+            await abandon_async_cycle(process, disk_node)
+        raise
+    finally:
+        if not process.exited:
+            await _del_node(process, nbd)
+        link.close()
+
+
+async def _follow_cycle(process: QemuProcess, ended: "asyncio.Future[dict[str, Any]]",
+                        link: Link, stall_limit_s: float, timeout: float) -> dict[str, Any]:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not ended.done():
+        if link.stalled_for(time.monotonic()) >= stall_limit_s:
+            raise ReplicationFailed("the replica stopped answering during the cycle")
+        if loop.time() >= deadline:
+            raise ReplicationFailed(f"replication cycle not done after {timeout:g} s")
+        await asyncio.wait({ended}, timeout=POLL_S)
+    return ended.result()
+
+
+async def _settle_generations(process: QemuProcess, node: str) -> list[int]:
+    """Leftovers of an unconfirmed cycle (service restarted): merge into the newest."""
+    names = [b["name"] for b in await _bitmaps(process, node)]
+    generations = async_generations(names)
+    while len(generations) > 1:
+        await _merge_into_newest(process, node, generations[0], generations[-1])
+        generations.pop(0)
+    return generations
+
+
+async def _merge_into_newest(process: QemuProcess, node: str, old: int, new: int) -> None:
+    await _execute(process, "transaction", {"actions": [
+        {"type": "block-dirty-bitmap-merge", "data": {
+            "node": node, "target": f"{ASYNC_PREFIX}{new}",
+            "bitmaps": [f"{ASYNC_PREFIX}{old}"]}},
+        {"type": "block-dirty-bitmap-remove", "data": {
+            "node": node, "name": f"{ASYNC_PREFIX}{old}"}}]})
+
+
+async def confirm_async_cycle(process: QemuProcess, disk_node: str) -> None:
+    """The replica committed the cycle: forget the blocks it shipped."""
+    generations = async_generations([b["name"] for b in await _bitmaps(process, disk_node)])
+    for old in generations[:-1]:
+        await _execute(process, "block-dirty-bitmap-remove",
+                       {"node": disk_node, "name": f"{ASYNC_PREFIX}{old}"})
+
+
+async def abandon_async_cycle(process: QemuProcess, disk_node: str) -> None:
+    """The cycle did not make it to the replica: its blocks go into the next one."""
+    await _settle_generations(process, disk_node)
+
+
+async def stop_async(process: QemuProcess, disk_node: str) -> None:
+    """End asynchronous replication: drop its bitmaps (the next start ships all)."""
+    for gen in async_generations([b["name"] for b in await _bitmaps(process, disk_node)]):
+        await _execute(process, "block-dirty-bitmap-remove",
+                       {"node": disk_node, "name": f"{ASYNC_PREFIX}{gen}"})
+
+
+__all__ = ["ConsistentPoint", "ReplicationProgress", "CycleReport", "SyncReplication",
+           "StallWatch", "BitmapRotation", "start_sync", "run_async_cycle",
+           "confirm_async_cycle", "abandon_async_cycle", "stop_async", "parse_nbd_uri",
+           "DEFAULT_STALL_LIMIT_S"]

@@ -1,0 +1,319 @@
+"""``ReplicaTarget``: one object owns one ``qemu-storage-daemon`` on the replica host.
+
+The daemon opens the replica's local image (format always explicit), serves it over NBD
+on TCP (optionally TLS with the host's x509 directory from
+``parvisor.migration.tls.write_tls_dir``, peers verified against the cluster CA) and is
+controlled over its QMP socket. It runs in its own session with output in ``qsd.log``
+and is stopped by PID (``quit``, then SIGTERM, then SIGKILL).
+
+Two ways of writing, one per replication mode:
+
+* synchronous: ``export_live()`` exports the image itself, ``writethrough`` (every write
+  the primary sees acknowledged is flushed on the replica host, so a crash of the
+  replica host cannot lose it);
+* asynchronous: ``begin_cycle()`` puts a fresh qcow2 overlay on top of the image and
+  exports only the overlay; ``commit_cycle()`` commits it into the image once the
+  primary says the cycle is complete, ``abort_cycle()`` throws it away. The image itself
+  is therefore always the last *complete* cycle (the last consistent point).
+
+Order: ``create_replica_image`` (once) -> ``await ReplicaTarget.start(...)`` ->
+``export_live()`` or per cycle ``begin_cycle()`` / ``commit_cycle()`` | ``abort_cycle()``
+-> ``await stop()``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from parvisor.errors import InvalidInput, QmpError, ReplicationFailed, VmError
+from parvisor.qmp.client import QmpConnection
+from parvisor.storage.qemu_img import create_image, inspect_image
+
+log = logging.getLogger(__name__)
+
+IMAGE_NODE = "replica"          # the replica image's format node
+FILE_NODE = "replica-file"
+OVERLAY_NODE = "cycle"          # an async cycle's overlay (format node)
+OVERLAY_FILE_NODE = "cycle-file"
+TLS_ID = "replica-tls"
+EXPORT_ID = "replica-export"
+START_TIMEOUT_S = 20.0
+COMMIT_TIMEOUT_S = 600.0
+FORMATS = ("qcow2", "raw")
+
+
+def create_replica_image(path: Path, fmt: str, virtual_size: int) -> None:
+    """An empty replica image of the primary disk's virtual size (qemu-img, capped)."""
+    if fmt not in FORMATS:
+        raise InvalidInput(f"replica image format must be one of {FORMATS}, not {fmt!r}")
+    if virtual_size <= 0:
+        raise InvalidInput(f"replica image size must be positive, not {virtual_size}")
+    if Path(path).exists():
+        raise InvalidInput(f"replica image {path} already exists")
+    create_image(Path(path), fmt, virtual_size)
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    """What a replica target serves, and where."""
+
+    image: Path
+    format: str
+    listen_host: str
+    port: int
+    state_dir: Path                 # QMP socket, pidfile, log, cycle overlays
+    export_name: str = "disk"
+    tls_dir: Path | None = None
+
+    def validate(self) -> None:
+        if self.format not in FORMATS:
+            raise InvalidInput(f"replica format must be one of {FORMATS}")
+        if not Path(self.image).is_file():
+            raise InvalidInput(f"replica image {self.image} does not exist")
+        if not 0 < self.port < 65536:
+            raise InvalidInput(f"bad port {self.port}")
+        if self.tls_dir is not None and not (Path(self.tls_dir) / "server-cert.pem").is_file():
+            raise InvalidInput(f"{self.tls_dir} holds no server-cert.pem")
+
+
+def daemon_argv(spec: TargetSpec, qmp_socket: Path, pidfile: Path) -> list[str]:
+    """qemu-storage-daemon's command line (pure): image nodes, the NBD server, QMP."""
+    argv = ["qemu-storage-daemon",
+            "--blockdev", _opts({"driver": "file", "node-name": FILE_NODE,
+                                 "filename": str(spec.image)}),
+            "--blockdev", _opts({"driver": spec.format, "node-name": IMAGE_NODE,
+                                 "file": FILE_NODE})]
+    server: dict[str, str] = {"addr.type": "inet", "addr.host": spec.listen_host,
+                              "addr.port": str(spec.port)}
+    if spec.tls_dir is not None:
+        argv += ["--object", _opts({"qom-type": "tls-creds-x509", "id": TLS_ID,
+                                    "dir": str(spec.tls_dir), "endpoint": "server",
+                                    "verify-peer": "on"})]
+        server["tls-creds"] = TLS_ID
+    argv += ["--nbd-server", _opts(server),
+             "--chardev", f"socket,id=qmp,path={qmp_socket},server=on,wait=off",
+             "--monitor", "chardev=qmp", "--pidfile", str(pidfile)]
+    return argv
+
+
+def _opts(options: dict[str, str]) -> str:
+    """``key=value,...`` with QEMU's comma escaping of values (paths may hold commas)."""
+    items = dict(options)
+    head = []
+    if "qom-type" in items:         # --object takes the type as the first, bare item
+        head.append(items.pop("qom-type"))
+    return ",".join(head + [f"{k}={str(v).replace(',', ',,')}" for k, v in items.items()])
+
+
+class ReplicaTarget:
+    """One running qemu-storage-daemon. Create with ``start``."""
+
+    def __init__(self, spec: TargetSpec, child: subprocess.Popen[bytes],
+                 qmp: QmpConnection) -> None:
+        self.spec = spec
+        self.pid = child.pid
+        self._child = child
+        self.qmp = qmp
+        self._overlay: Path | None = None
+
+    @property
+    def qmp_socket(self) -> Path:
+        return Path(self.spec.state_dir) / "qsd.qmp"
+
+    @property
+    def nbd_uri(self) -> str:
+        host = self.spec.listen_host
+        return f"nbd://{f'[{host}]' if ':' in host else host}:{self.spec.port}"
+
+    @property
+    def exited(self) -> bool:
+        return self._child.poll() is not None
+
+    @classmethod
+    async def start(cls, spec: TargetSpec, *, timeout: float = START_TIMEOUT_S
+                    ) -> "ReplicaTarget":
+        spec.validate()
+        state = Path(spec.state_dir)
+        state.mkdir(parents=True, exist_ok=True)
+        qmp_socket, pidfile = state / "qsd.qmp", state / "qsd.pid"
+        qmp_socket.unlink(missing_ok=True)
+        argv = daemon_argv(spec, qmp_socket, pidfile)
+        with (state / "qsd.log").open("ab") as out:
+            child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        qmp = QmpConnection(qmp_socket, name=f"qsd-{child.pid}")
+        target = cls(spec, child, qmp)
+        try:
+            await target._connect(timeout)
+        except BaseException:
+            await target.stop()
+            raise
+        log.info("replica target pid %d serves %s on %s", child.pid, spec.image,
+                 target.nbd_uri)
+        return target
+
+    async def _connect(self, timeout: float) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not self.qmp_socket.exists():
+            if self.exited or loop.time() >= deadline:
+                raise ReplicationFailed("qemu-storage-daemon did not start: "
+                                        + self.log_tail(), argv=self._child.args)
+            await asyncio.sleep(0.02)
+        await self.qmp.connect(timeout=max(1.0, deadline - loop.time()))
+
+    def log_tail(self, limit: int = 2000) -> str:
+        try:
+            return (Path(self.spec.state_dir) / "qsd.log").read_text(
+                errors="replace")[-limit:].strip()
+        except FileNotFoundError:
+            return ""
+
+    async def execute(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
+        return await self.qmp.execute(command, arguments)
+
+    # --- synchronous mode ----------------------------------------------------------------
+    async def export_live(self) -> str:
+        """Export the image itself, writable, flushed after every write; the NBD URI."""
+        await self._export(IMAGE_NODE)
+        return self.nbd_uri
+
+    async def _export(self, node: str) -> None:
+        await self.execute("block-export-add", {
+            "type": "nbd", "id": EXPORT_ID, "node-name": node,
+            "name": self.spec.export_name, "writable": True, "writethrough": True})
+
+    async def unexport(self) -> None:
+        exports = await self.execute("query-block-exports")
+        if any(e.get("id") == EXPORT_ID for e in exports):
+            await self.execute("block-export-del", {"id": EXPORT_ID, "mode": "hard"})
+            await self._wait_export_gone()
+
+    async def _wait_export_gone(self, timeout: float = 10.0) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while any(e.get("id") == EXPORT_ID for e in await self.execute("query-block-exports")):
+            if loop.time() >= deadline:
+                raise ReplicationFailed("the replica export did not go away")
+            await asyncio.sleep(0.02)
+
+    # --- asynchronous mode: one overlay per cycle -----------------------------------------
+    async def begin_cycle(self) -> str:
+        """A fresh overlay over the image, exported instead of it; the NBD URI."""
+        if self._overlay is not None:
+            await self.abort_cycle()
+        await self.unexport()
+        overlay = Path(self.spec.state_dir) / "cycle.qcow2"
+        overlay.unlink(missing_ok=True)
+        size = inspect_image(Path(self.spec.image), self.spec.format).virtual_size
+        # no backing file in the header: the overlay is linked to the image's node at
+        # run time only, so it can never be opened (or committed) on its own later
+        create_image(overlay, "qcow2", size)
+        self._overlay = overlay
+        await self.execute("blockdev-add", {"driver": "file", "node-name": OVERLAY_FILE_NODE,
+                                            "filename": str(overlay)})
+        await self.execute("blockdev-add", {"driver": "qcow2", "node-name": OVERLAY_NODE,
+                                            "file": OVERLAY_FILE_NODE, "backing": IMAGE_NODE})
+        await self._export(OVERLAY_NODE)
+        return self.nbd_uri
+
+    async def commit_cycle(self, timeout: float = COMMIT_TIMEOUT_S) -> None:
+        """The primary shipped a whole cycle: fold the overlay into the image."""
+        if self._overlay is None:
+            raise ReplicationFailed("no replication cycle is open on this replica")
+        await self.unexport()        # nothing can write into the overlay any more
+        job = "replica-commit"
+        await self.execute("block-commit", {"job-id": job, "device": OVERLAY_NODE,
+                                            "top-node": OVERLAY_NODE,
+                                            "base-node": IMAGE_NODE, "auto-dismiss": True})
+        await self._finish_active_commit(job, timeout)
+        await self._drop_overlay()
+
+    async def _finish_active_commit(self, job: str, timeout: float) -> None:
+        """An active commit is a mirror: wait for ready, complete it, wait until gone."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        completed = False
+        while True:
+            jobs = {j["device"]: j for j in await self.execute("query-block-jobs")}
+            current = jobs.get(job)
+            if current is None:
+                if not completed:
+                    raise ReplicationFailed("committing the cycle into the replica failed:"
+                                            " the job ended before it was ready")
+                return
+            if current.get("ready") and not completed:
+                await self.execute("job-complete", {"id": job})
+                completed = True
+            if loop.time() >= deadline:
+                raise ReplicationFailed(f"committing the cycle took over {timeout:g} s")
+            await asyncio.sleep(0.02)
+
+    async def abort_cycle(self) -> None:
+        """Throw the open cycle away: the image stays at the previous consistent point."""
+        if self._overlay is None:
+            return
+        await self.unexport()
+        await self._drop_overlay()
+
+    async def _drop_overlay(self) -> None:
+        for node in (OVERLAY_NODE, OVERLAY_FILE_NODE):
+            try:
+                await self.execute("blockdev-del", {"node-name": node})
+            except QmpError as exc:
+                log.debug("blockdev-del %s: %s", node, exc.message)
+        if self._overlay is not None:
+            self._overlay.unlink(missing_ok=True)
+        self._overlay = None
+
+    # --- stop ----------------------------------------------------------------------------
+    async def stop(self, timeout: float = 10.0) -> None:
+        """``quit`` over QMP, then SIGTERM, then SIGKILL, by PID; waits for the exit."""
+        if not self.exited:
+            try:
+                if self.qmp.connected:
+                    await self.qmp.execute("quit")
+            except VmError:
+                pass
+            if not await self._wait_exit(timeout / 2):
+                self._signal(signal.SIGTERM)
+                if not await self._wait_exit(timeout / 2):
+                    self._signal(signal.SIGKILL)
+                    await self._wait_exit(5.0)
+        try:
+            await self.qmp.disconnect()
+        except Exception:
+            pass
+
+    def _signal(self, sig: signal.Signals) -> None:
+        if self._child.poll() is None:
+            try:
+                os.kill(self.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    async def _wait_exit(self, timeout: float) -> bool:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self._child.poll() is None:
+            if loop.time() >= deadline:
+                return False
+            await asyncio.sleep(0.02)
+        return True
+
+    def freeze(self) -> None:
+        """SIGSTOP the daemon (tests: an unresponsive peer whose kernel still ACKs)."""
+        self._signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        self._signal(signal.SIGCONT)
+
+
+__all__ = ["ReplicaTarget", "TargetSpec", "create_replica_image", "daemon_argv"]
