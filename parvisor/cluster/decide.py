@@ -14,14 +14,27 @@ Safety rule encoded here: a VM owned by a host that lost its lease is moved only
 that host is *fenced*: its lease was seen lost and a grace period passed since. The
 host itself killed its HA VMs before its lease could expire (``fencing.py``); the
 ownership write is further conditioned on the owner revision (fencing token).
+
+Replicated VMs (``parvisor.replication``): a fenced owner's VM restarts on its replica
+host only, from the replica image, when ``failover_verdict`` allows it (sync in-sync: no
+loss; async: back to the last consistent point, reported; broken: only when the user
+forced it); the same transaction bumps the replica set's generation. A failed-over VM
+is re-protected as soon as a host can hold its replica, its old primary first.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from parvisor.cluster.model import (AcknowledgeFence, ClusterView, Decision,
-                                    LiveMigrateVm, MarkError, OwnerPhase, PlaceVm, Priority,
-                                    QuarantineHost, StopForDrain, VmPhase, VmView)
-from parvisor.cluster.placement import Usage, choose_host
+                                    FailoverToReplica, HostView, LiveMigrateVm, MarkError,
+                                    OwnerPhase, PlaceVm, Priority, QuarantineHost,
+                                    ReverseReplication, StopForDrain, VmPhase, VmView)
+from parvisor.cluster.placement import Usage, choose_host, refusal
+from parvisor.replication.placement import (NoReplicaHost, ReplicaCandidate,
+                                            choose_replica)
+from parvisor.replication.placement import refusal as replica_refusal
+from parvisor.replication.protocol import ReplicationRecord, State, failover_verdict
 
 
 def decide(view: ClusterView) -> list[Decision]:
@@ -36,7 +49,8 @@ def decide(view: ClusterView) -> list[Decision]:
         if decision is None:
             continue
         decisions.append(decision)
-        if isinstance(decision, PlaceVm) and decision.host != decision.from_host:
+        if (isinstance(decision, (PlaceVm, FailoverToReplica))
+                and decision.host != decision.from_host):
             usage.add(vm, decision.host)
             if decision.from_host:
                 usage.remove(vm, decision.from_host)
@@ -74,6 +88,8 @@ def _decide_vm(vm: VmView, view: ClusterView, fenced: frozenset[str],
         return _restart(vm, view)
     if owner.maintenance:
         return _drain(vm, view, usage)
+    if vm.replication is not None:
+        return _reprotect(vm, vm.replication, view)
     return None
 
 
@@ -95,20 +111,84 @@ def _recover(vm: VmView, view: ClusterView, usage: Usage) -> Decision | None:
     if vm.priority == Priority.NONE:
         return _error(vm, f"host {lost} failed; priority none: no automatic restart",
                       retryable=True)
-    if not vm.on_shared_storage:
+    replica = _replication(vm)
+    if replica is None and not vm.on_shared_storage:
         return _error(vm, f"host {lost} failed; disks on local storage: not protected",
                       retryable=True)
     recent = _recent(vm.failover_times, view)
     if recent >= view.policy.max_failovers:
         return _error(vm, f"failed over {recent} times within "
                           f"{view.policy.limit_window_s:.0f} s: limit reached")
+    if replica is not None:
+        return _to_replica(vm, replica, view, usage, lost or "")
     return _place(vm, view, usage, reason="failover", exclude=frozenset({lost or ""}))
+
+
+def _replication(vm: VmView) -> ReplicationRecord | None:
+    record = vm.replication
+    return None if record is None or record.state == State.DISABLED else record
+
+
+def _to_replica(vm: VmView, record: ReplicationRecord, view: ClusterView, usage: Usage,
+                lost: str) -> Decision | None:
+    """Restart on the replica host from its image, if its copy allows it (these
+    errors wait: for the host, a resync or the user's --force)."""
+    if record.primary != lost:      # owner and record move in one txn: never expected
+        return _error(vm, f"host {lost} failed; replication names {record.primary} as "
+                          f"primary (generation {record.generation}): not moved",
+                      retryable=True)
+    verdict = failover_verdict(record)
+    if not verdict.allowed:
+        return _error(vm, f"host {lost} failed; {verdict.reason}", retryable=True)
+    target = view.host(record.replica)
+    why = (refusal(target, vm, view, usage, disks_on_host=True) if target is not None
+           else "not a cluster host")
+    if why is not None:
+        return _error(vm, f"host {lost} failed; replica host {record.replica}: {why}",
+                      retryable=True)
+    return FailoverToReplica(vm.uuid, vm.name, record.replica, lost, vm.owner.revision,
+                             record.revision,
+                             record.failed_over(f"failover from {lost}: {verdict.reason}"),
+                             verdict.reason)
+
+
+def _reprotect(vm: VmView, record: ReplicationRecord,
+               view: ClusterView) -> Decision | None:
+    """A failed-over VM runs alone: resync to its old primary once it is back (only
+    changed blocks travel), else to any host that can hold a replica; none: wait."""
+    if (record.state != State.FAILED_OVER or record.primary != vm.owner.host
+            or vm.phase != VmPhase.RUNNING):
+        return None
+    candidates = [_replica_candidate(h, view) for h in sorted(view.hosts,
+                                                              key=lambda h: h.name)]
+    old = next((c for c in candidates if c.name == record.replica), None)
+    if old is not None:     # its stale copy is the base: room is not in question
+        base = replace(old, free_bytes=max(old.free_bytes or 0, record.disk_bytes))
+        if replica_refusal(base, record.primary, record.disk_bytes) is None:
+            return ReverseReplication(vm.uuid, vm.name, record.revision,
+                                      record.reversed_to(old.name, incremental=True))
+    try:
+        choice = choose_replica(record.primary, record.disk_bytes,
+                                [c for c in candidates if c.name != record.replica])
+    except NoReplicaHost:
+        return None         # runs unprotected meanwhile (the record says failed-over)
+    return ReverseReplication(vm.uuid, vm.name, record.revision,
+                              record.reversed_to(choice.host, incremental=False),
+                              choice.note)
+
+
+def _replica_candidate(host: HostView, view: ClusterView) -> ReplicaCandidate:
+    quarantined = host.quarantined_until is not None and view.now < host.quarantined_until
+    return ReplicaCandidate(host.name, host.member and not host.fenced, host.site,
+                            host.replica_free_bytes, host.maintenance, quarantined)
 
 
 def _retry(vm: VmView, view: ClusterView, usage: Usage) -> Decision | None:
     """A VM waiting with a retryable error whose owner is a live member again."""
     host = vm.owner.host or ""
-    if not vm.ha or vm.priority == Priority.NONE or not vm.on_shared_storage:
+    if (not vm.ha or vm.priority == Priority.NONE or not vm.on_shared_storage
+            or _replication(vm) is not None):
+        # its disks (or its newest generation's copy) are on that host
         return PlaceVm(vm.uuid, vm.name, host, host, vm.owner.revision, "host back")
     return _place(vm, view, usage, reason="retry")
 

@@ -18,6 +18,7 @@ from typing import Protocol
 from parvisor.cluster.fencing import LocalVm
 from parvisor.cluster.model import Owner, OwnerPhase, Priority, VmPhase
 from parvisor.errors import StoreError
+from parvisor.replication.protocol import ReplicationRecord
 
 
 class ClusterUnavailable(StoreError):
@@ -38,6 +39,8 @@ class HostRecord:
     site: str = ""
     # what live migration checks before anything moves (parvisor.hypervisor.facts)
     migration: dict = field(default_factory=dict, compare=False, hash=False)
+    # free bytes of its replica storage (None: not published; parvisor.replication)
+    replica_free_bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,8 @@ class Snapshot:
     manager: str | None = None
     # uuid -> (phase, source, live) of the VM's last migration record
     migrations: dict[str, tuple[str, str, bool]] = field(default_factory=dict)
+    # uuid -> replication/<uuid> (its revision set from the key's mod revision)
+    replications: dict[str, ReplicationRecord] = field(default_factory=dict)
 
 
 class ClusterEnv(Protocol):
@@ -101,6 +106,14 @@ class ClusterEnv(Protocol):
     def write_status(self, vm_uuid: str, status: VmStatus) -> bool: ...
     def request_migration(self, vm_uuid: str, vm_name: str, source: str, destination: str,
                           owner_revision: int, quick: bool = False) -> bool: ...  # False: changed
+    # one txn: compare owner + replication revisions and require_absent's member key
+    # absent; put owner=<host> run and ``record`` (its new generation). None: rejected
+    def fail_over_to_replica(self, vm_uuid: str, expected_revision: int,
+                             replication_revision: int, host: str,
+                             record: ReplicationRecord,
+                             require_absent: str) -> int | None: ...
+    def write_replication(self, vm_uuid: str, expected_revision: int,
+                          record: ReplicationRecord) -> bool: ...  # False: changed
 
     # --- this host ------------------------------------------------------------------
     def local_vms(self) -> list[LocalVm]: ...

@@ -16,9 +16,10 @@ from typing import Callable
 from parvisor.cluster.decide import decide
 from parvisor.cluster.env import ClusterEnv, ClusterUnavailable, Snapshot, VmStatus
 from parvisor.cluster.model import (AcknowledgeFence, ClusterPolicy, ClusterView,
-                                    Decision, HostView, LiveMigrateVm, ManagerMemory,
-                                    MarkError, Owner, OwnerPhase, PlaceVm, QuarantineHost,
-                                    StopForDrain, VmPhase, VmView)
+                                    Decision, FailoverToReplica, HostView, LiveMigrateVm,
+                                    ManagerMemory, MarkError, Owner, OwnerPhase, PlaceVm,
+                                    QuarantineHost, ReverseReplication, StopForDrain,
+                                    VmPhase, VmView)
 
 DecideFn = Callable[[ClusterView], list[Decision]]
 
@@ -85,6 +86,9 @@ class Manager:
                 self.env.log(f"{self.env.host} manager: not requested (changed meanwhile): "
                              f"{decision.describe()}")
                 return
+        elif isinstance(decision, (FailoverToReplica, ReverseReplication)):
+            if not self._replication(decision, now):
+                return
         elif isinstance(decision, MarkError):
             status = VmStatus(VmPhase.ERROR, self._owner_revision(decision.vm),
                               decision.reason, decision.retryable)
@@ -103,6 +107,21 @@ class Manager:
         if history is not None:
             history.setdefault(decision.vm, []).append(now)
         return True
+
+    def _replication(self, decision: FailoverToReplica | ReverseReplication,
+                     now: float) -> bool:
+        if isinstance(decision, ReverseReplication):
+            done = self.env.write_replication(decision.vm, decision.replication_revision,
+                                              decision.record)
+        else:
+            done = self.env.fail_over_to_replica(
+                decision.vm, decision.expected_revision, decision.replication_revision,
+                decision.host, decision.record, decision.from_host) is not None
+            if done:
+                self.memory.failover_times.setdefault(decision.vm, []).append(now)
+        if not done:
+            self.env.log(f"{self.env.host} manager: rejected (stale token): {decision.describe()}")
+        return done
 
     def _owner_revision(self, vm_uuid: str) -> int:
         return self._owners.get(vm_uuid, Owner(None)).revision
@@ -123,7 +142,8 @@ def _host_view(snapshot: Snapshot, memory: ManagerMemory, name: str) -> HostView
         maintenance=name in snapshot.maintenance,
         lost_seen_at=memory.lost_seen_at.get(name), fenced=name in memory.fenced,
         quarantined_until=memory.quarantined_until.get(name),
-        dropout_times=tuple(memory.dropouts.get(name, ())))
+        dropout_times=tuple(memory.dropouts.get(name, ())),
+        replica_free_bytes=record.replica_free_bytes)
 
 
 def _vm_view(snapshot: Snapshot, memory: ManagerMemory, uuid: str) -> VmView:
@@ -143,7 +163,8 @@ def _vm_view(snapshot: Snapshot, memory: ManagerMemory, uuid: str) -> VmView:
         error_reason=reason, retryable_error=retryable,
         restart_times=tuple(memory.restart_times.get(uuid, ())),
         failover_times=tuple(memory.failover_times.get(uuid, ())),
-        migration=_migration_state(snapshot.migrations.get(uuid), owner))
+        migration=_migration_state(snapshot.migrations.get(uuid), owner),
+        replication=snapshot.replications.get(uuid))
 
 
 def _migration_state(brief: tuple[str, str, bool] | None, owner: Owner) -> str:

@@ -17,6 +17,8 @@ phase         the owner record's instruction: ``run`` or ``stop`` (drain hand-of
 status        what the owner host last reported for the VM, tied to an owner revision
 failover      a restart of an HA VM on another host after its owner was fenced
 restart       a restart on the same (live) host after the VM's QEMU crashed
+replica       a VM's disks copied to another host (``parvisor.replication``); its
+              record's generation says which host may run the VM
 quarantine    a host that lost its lease too often gets no new placements for a while
 """
 
@@ -24,6 +26,8 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+
+from parvisor.replication.protocol import ReplicationRecord
 
 
 class Priority(str, enum.Enum):
@@ -85,6 +89,7 @@ class HostView:
     fenced: bool = False             # manager already acknowledged the fence
     quarantined_until: float | None = None
     dropout_times: tuple[float, ...] = ()    # manager clock: when leases were seen lost
+    replica_free_bytes: int | None = None    # free replica storage it published
 
 
 @dataclass(frozen=True)
@@ -115,6 +120,7 @@ class VmView:
     # the VM's last migration: "" none, "active" in flight, "done", and from its current
     # owner "failed" (live, or cancelled) / "failed-quick"
     migration: str = ""
+    replication: ReplicationRecord | None = None    # replication/<uuid>, if enabled
 
 
 @dataclass(frozen=True)
@@ -194,6 +200,52 @@ class LiveMigrateVm:
 
 
 @dataclass(frozen=True)
+class FailoverToReplica:
+    """The owner is fenced: restart the VM on its replica host from the replica image.
+    One etcd transaction: compare owner/<uuid> mod revision == ``expected_revision``,
+    replication/<uuid> mod revision == ``replication_revision`` and members/<from_host>
+    absent; then put owner=<host> run and ``record`` (generation + 1). Either both
+    change or neither: the old primary's copy is stale from that revision on."""
+
+    vm: str
+    vm_name: str
+    host: str
+    from_host: str
+    expected_revision: int
+    replication_revision: int
+    record: ReplicationRecord        # what the transaction writes
+    loss: str                        # the data-loss statement (none, window, forced)
+
+    def describe(self) -> str:
+        return (f"fail over {self.vm_name} to its replica on {self.host} from "
+                f"{self.from_host} (generation {self.record.generation - 1} -> "
+                f"{self.record.generation}; {self.loss}; txn: owner r{self.expected_revision}, "
+                f"replication r{self.replication_revision}, {self.from_host} not a member)")
+
+
+@dataclass(frozen=True)
+class ReverseReplication:
+    """Re-protect a failed-over VM: write ``record`` (state resyncing, the new
+    replica) conditioned on replication/<uuid> mod revision == ``replication_revision``.
+    The primary's agent then resyncs (incrementally onto the old primary's stale copy,
+    or in full onto a new host)."""
+
+    vm: str
+    vm_name: str
+    replication_revision: int
+    record: ReplicationRecord
+    note: str = ""                   # e.g. the replica stays in the primary's site
+
+    def describe(self) -> str:
+        r = self.record
+        how = "full copy" if r.full_resync else "incremental, onto its stale copy"
+        note = f"; {self.note}" if self.note else ""
+        return (f"re-establish replication of {self.vm_name}: {r.primary} -> {r.replica} "
+                f"({how}; generation {r.generation}, token r{self.replication_revision}"
+                f"{note})")
+
+
+@dataclass(frozen=True)
 class MarkError:
     vm: str
     vm_name: str
@@ -206,7 +258,7 @@ class MarkError:
 
 
 Decision = (AcknowledgeFence | QuarantineHost | PlaceVm | StopForDrain | LiveMigrateVm
-            | MarkError)
+            | FailoverToReplica | ReverseReplication | MarkError)
 
 
 @dataclass

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from parvisor.cluster.model import ClusterView, HostView, VmView
+from parvisor.replication.protocol import State as ReplicationState
 
 
 @dataclass
@@ -48,17 +49,25 @@ class Usage:
         return host.cpus - self.vcpus.get(host.name, 0)
 
 
-def refusal(host: HostView, vm: VmView, view: ClusterView, usage: Usage) -> str | None:
-    """Why ``vm`` cannot go to ``host`` now, or None if it can."""
+def refusal(host: HostView, vm: VmView, view: ClusterView, usage: Usage, *,
+            disks_on_host: bool = False) -> str | None:
+    """Why ``vm`` cannot go to ``host`` now, or None if it can. ``disks_on_host``:
+    the host holds the VM's disks itself (its replica), so shared storage is moot."""
     if not host.member or host.fenced:
         return "not a member"
     if host.maintenance:
         return "in maintenance"
     if host.quarantined_until is not None and view.now < host.quarantined_until:
         return "quarantined"
-    if vm.on_shared_storage is False:
+    replica_set = vm.replication
+    if (not disks_on_host and replica_set is not None
+            and replica_set.state != ReplicationState.DISABLED
+            and host.name != replica_set.primary):
+        # only the newest generation's primary may run it (a failover moves both)
+        return f"not the primary of its replica set (generation {replica_set.generation})"
+    if not disks_on_host and vm.on_shared_storage is False:
         return "disks on local storage"
-    if not host.shared_storage:
+    if not disks_on_host and not host.shared_storage:
         return "no shared storage"
     if usage.free_memory(host) < vm.memory_bytes:
         return "not enough memory"

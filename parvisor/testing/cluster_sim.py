@@ -17,7 +17,13 @@ Model (deliberately simple, stated so it can be judged):
   succeeds when it reaches a live member that reaches the leader;
 * a host's VMs are fake processes; power loss removes them, its agent and watchdog;
 * the watchdog is per host: fed by the agent, it kills the HA VMs it was told about
-  once its deadline passes.
+  once its deadline passes;
+* replication (``replication/<uuid>`` records): each powered host with a running agent
+  plays the replication engine of its role, as ``parvisor.replication.protocol.next_step``
+  says: async cycles ship at each interval (the consistent point moves), a sync primary
+  whose replica link is down for the stall limit commits ``broken`` (its consistent
+  point is when the link went down), a copy or resync takes ``COPY_S``. Data itself is
+  not modelled: the consistent point stands for it.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterator
 from unittest import mock
 
@@ -36,9 +42,14 @@ from parvisor.cluster.env import (ClusterUnavailable, ClusterVm, HostRecord, Sna
 from parvisor.cluster.fencing import LocalVm
 from parvisor.cluster.model import (ClusterPolicy, ClusterView, Decision, Owner,
                                     OwnerPhase, Priority, VmPhase)
+from parvisor.replication.placement import ReplicaCandidate, choose_replica
+from parvisor.replication.protocol import (LocalFacts, Mode, ReplicationRecord, State,
+                                           Step, failover_verdict, format_point,
+                                           next_step, parse_interval, request_force)
 
 STEP_S = 0.25
 ELECTION_S = 1.0
+COPY_S = 2.0         # a simulated initial copy or resync
 
 
 class InvariantViolation(AssertionError):
@@ -246,6 +257,28 @@ class SimHostEnv:
             return None
         return etcd.put(f"owner/{vm_uuid}", (host, phase))
 
+    def fail_over_to_replica(self, vm_uuid: str, expected_revision: int,
+                             replication_revision: int, host: str,
+                             record: ReplicationRecord, require_absent: str) -> int | None:
+        etcd = self._etcd     # one txn: all compares hold, then both puts
+        if (etcd.mod_revision(f"owner/{vm_uuid}") != expected_revision
+                or etcd.mod_revision(f"replication/{vm_uuid}") != replication_revision
+                or f"members/{require_absent}" in etcd.kv):
+            return None
+        etcd.revision += 1
+        for key, value in ((f"owner/{vm_uuid}", (host, OwnerPhase.RUN)),
+                           (f"replication/{vm_uuid}", record)):
+            etcd.kv[key] = Entry(value, etcd.revision)
+        return etcd.revision
+
+    def write_replication(self, vm_uuid: str, expected_revision: int,
+                          record: ReplicationRecord) -> bool:
+        etcd = self._etcd
+        if etcd.mod_revision(f"replication/{vm_uuid}") != expected_revision:
+            return False
+        etcd.put(f"replication/{vm_uuid}", record)
+        return True
+
     def write_status(self, vm_uuid: str, status: VmStatus) -> bool:
         etcd = self._etcd
         if etcd.mod_revision(f"owner/{vm_uuid}") != status.revision:
@@ -286,7 +319,8 @@ class ScriptEvent:
 class Simulation:
     def __init__(self, policy: ClusterPolicy, hosts: list[HostRecord],
                  members: list[Member], vms: list[ClusterVm],
-                 placement: dict[str, str | None]) -> None:
+                 placement: dict[str, str | None],
+                 replications: list[ReplicationRecord] | None = None) -> None:
         self.now = 0.0
         self.policy = policy
         self.lines: list[str] = []
@@ -299,6 +333,9 @@ class Simulation:
         self.checker = InvariantChecker(self)
         self._later: list[ScriptEvent] = []
         self._seed(placement)
+        self.engines = ReplicationEngines(self)
+        for record in replications or []:
+            self.etcd.put(f"replication/{record.vm_uuid}", record)
 
     # --- setup ----------------------------------------------------------------------
     def _seed(self, placement: dict[str, str | None]) -> None:
@@ -350,6 +387,7 @@ class Simulation:
         if others:
             raise InvariantViolation(f"INV-1 at t={self.now:.2f}: {self.vms[uuid].name} "
                                      f"started on {host} while running on {others}")
+        self.checker.generation([host], uuid)
         self.hosts[host].running.add(uuid)
         self.starts[uuid] += 1
 
@@ -374,7 +412,12 @@ class Simulation:
             maintenance=frozenset(under("maint/")),
             vms={u: kv[f"vm/{u}"].value for u in under("vm/")},
             owners=owners, statuses={u: kv[f"status/{u}"].value for u in under("status/")},
-            manager=manager)
+            manager=manager, replications=self.replications(etcd))
+
+    def replications(self, etcd: FakeEtcd) -> dict[str, ReplicationRecord]:
+        prefix = "replication/"
+        return {k[len(prefix):]: replace(e.value, revision=e.mod_revision)
+                for k, e in sorted(etcd.kv.items()) if k.startswith(prefix)}
 
     def where(self, uuid: str) -> list[str]:
         return [h for h in sorted(self.hosts) if uuid in self.hosts[h].running]
@@ -400,6 +443,7 @@ class Simulation:
                 host.agent.tick()
                 if host.agent.fenced and host.agent.fenced_vms:
                     self.fenced_by.add(name)
+        self.engines.step()
         self._watchdogs()
         self.checker.step()
 
@@ -493,6 +537,22 @@ class Simulation:
     def _ev_heal_split(self) -> None:
         self.cuts.clear()
 
+    def _ev_cut(self, a: str, b: str) -> None:
+        """Cut one link (e.g. the replication link between two hosts)."""
+        self.cuts.add(frozenset((a, b)))
+
+    def _ev_uncut(self, a: str, b: str) -> None:
+        self.cuts.discard(frozenset((a, b)))
+
+    def _ev_force_failover(self, vm_name: str) -> None:
+        """The user's ``replication failover NAME --force``, recorded in etcd."""
+        uuid = self._uuid(vm_name)
+        entry = self.etcd.kv[f"replication/{uuid}"]
+        record = request_force(replace(entry.value, revision=entry.mod_revision))
+        self.etcd.put(f"replication/{uuid}", record)
+        self.log(f"user: force failover of {vm_name} recorded "
+                 f"({failover_verdict(record).reason})")
+
     def _ev_drain(self, host: str) -> None:
         self.etcd.put(f"maint/{host}", True)
 
@@ -506,7 +566,7 @@ class Simulation:
 
 # --- invariants -----------------------------------------------------------------------
 class InvariantChecker:
-    """INV-1/2/3 at every step; INV-5 once faults healed (the end of the script)."""
+    """INV-1/2/3 and GEN at every step; INV-5 once faults healed (the script's end)."""
 
     def __init__(self, sim: Simulation) -> None:
         self.sim = sim
@@ -529,6 +589,25 @@ class InvariantChecker:
             if f"vm/{uuid}" not in sim.etcd.kv:
                 raise InvariantViolation(f"INV-3: VM {sim.vms[uuid].name} was lost")
             self._inv2(uuid, hosts)
+            self.generation(hosts, uuid)
+
+    def generation(self, hosts: list[str], uuid: str) -> None:
+        """GEN: only the newest generation's primary runs a replicated VM, and the
+        owner record and the replica set's primary never disagree (one txn moves both)."""
+        sim = self.sim
+        entry = sim.etcd.kv.get(f"replication/{uuid}")
+        if entry is None or entry.value.state == State.DISABLED:
+            return
+        record, name = entry.value, sim.vms[uuid].name
+        stale = [h for h in hosts if h != record.primary]
+        if stale:
+            raise InvariantViolation(f"GEN at t={sim.now:.2f}: {name} runs on {stale}, "
+                                     f"generation {record.generation} belongs to "
+                                     f"{record.primary}")
+        owner = sim.etcd.kv.get(f"owner/{uuid}")
+        if owner is not None and owner.value[0] != record.primary:
+            raise InvariantViolation(f"GEN at t={sim.now:.2f}: {name} owned by "
+                                     f"{owner.value[0]}, primary is {record.primary}")
 
     def _inv2(self, uuid: str, hosts: list[str]) -> None:
         sim = self.sim
@@ -594,7 +673,9 @@ def parse_events(text: str) -> tuple[list[ScriptEvent], float]:
 def build_simulation(initial: dict[str, Any]) -> Simulation:
     policy = ClusterPolicy(**initial.get("policy", {}))
     hosts = [HostRecord(h["name"], h.get("memory_mib", 4096) * MIB, h.get("cpus", 4),
-                        h.get("shared_storage", True), h.get("site", ""))
+                        h.get("shared_storage", True), h.get("site", ""),
+                        replica_free_bytes=(h["replica_free_gib"] << 30
+                                            if "replica_free_gib" in h else None))
              for h in initial["hosts"]]
     members = [Member(m["name"], m.get("site", ""), m.get("witness", False))
                for m in initial["etcd"]]
@@ -609,4 +690,120 @@ def build_simulation(initial: dict[str, Any]) -> Simulation:
             preferred_hosts=tuple(v.get("preferred_hosts", ())),
             on_shared_storage=v.get("shared_storage", True)))
         placement[uuid] = v.get("host")
-    return Simulation(policy, hosts, members, vms, placement)
+    replications = [_replication(v, hosts) for v in initial["vms"] if "replication" in v]
+    return Simulation(policy, hosts, members, vms, placement, replications)
+
+
+def _replication(v: dict[str, Any], hosts: list[HostRecord]) -> ReplicationRecord:
+    """``"replication": {"mode": "sync", "replica": "h2", "state": "in-sync",
+    "interval": "30s", "disk_gib": 1}``; without ``replica`` it is chosen as
+    ``replication enable`` would (another site first)."""
+    spec, disk = v["replication"], v["replication"].get("disk_gib", 1) << 30
+    replica = spec.get("replica") or choose_replica(
+        v["host"], disk, [ReplicaCandidate(h.name, site=h.site,
+                                           free_bytes=h.replica_free_bytes)
+                          for h in hosts]).host
+    mode = Mode(spec.get("mode", "sync"))
+    state = State(spec.get("state", "in-sync"))
+    return ReplicationRecord(
+        f"{v['name']}-uuid", v["name"], mode, v["host"], replica, state=state,
+        interval_s=parse_interval(spec.get("interval", "30s")) if mode == Mode.ASYNC else 0,
+        disk_bytes=disk, last_consistent_at=0.0 if state == State.IN_SYNC else None,
+        rpo_s=0.0 if state == State.IN_SYNC else None)
+
+
+class ReplicationEngines:
+    """Every host's replication engine, reduced to the state moves it writes."""
+
+    def __init__(self, sim: Simulation) -> None:
+        self.sim = sim
+        self.link_down_since: dict[tuple[str, str], float] = {}   # (uuid, host)
+        self.copy_until: dict[tuple[str, str], float] = {}         # (uuid, host)
+        self.last_attempt: dict[str, float] = {}                   # async cycles
+
+    def step(self) -> None:
+        sim = self.sim
+        for name in sorted(sim.hosts):
+            host = sim.hosts[name]
+            if not (host.powered and host.agent_state == "running"
+                    and sim.etcd.available_from(name)):
+                continue     # no service, or it cannot write etcd: nothing moves
+            for uuid, record in sorted(sim.replications(sim.etcd).items()):
+                role = record.role_of(name)
+                if role is not None:
+                    self._act(name, uuid, record, role)
+
+    def _facts(self, host: str, uuid: str, record: ReplicationRecord,
+               role: str) -> LocalFacts:
+        sim = self.sim
+        peer = record.replica if role == "primary" else record.primary
+        if sim.linked(host, peer):
+            self.link_down_since.pop((uuid, host), None)
+            down = 0.0
+        else:
+            down = sim.now - self.link_down_since.setdefault((uuid, host), sim.now)
+            down = max(down, STEP_S / 2)      # down since this very step still counts
+        last = self.last_attempt.get(uuid, record.last_consistent_at or 0.0)
+        return LocalFacts(host, working=(uuid, host) in self.copy_until,
+                          has_vm=uuid in sim.hosts[host].running,
+                          peer_is_member=f"members/{peer}" in sim.etcd.kv,
+                          peer_unreachable_s=down,
+                          cycle_due=(record.mode == Mode.ASYNC
+                                     and sim.now - last >= record.interval_s - 1e-9))
+
+    def _act(self, host: str, uuid: str, record: ReplicationRecord, role: str) -> None:
+        sim, name = self.sim, record.vm_name
+        facts = self._facts(host, uuid, record, role)
+        if facts.working and sim.now >= self.copy_until[(uuid, host)] - 1e-9:
+            del self.copy_until[(uuid, host)]
+            if role != "primary" or record.state not in (State.INITIAL_SYNC,
+                                                         State.RESYNCING):
+                return      # the record moved on meanwhile (e.g. broken): copy dropped
+            self._write(record.to(State.IN_SYNC, last_consistent_at=sim.now, rpo_s=0.0,
+                                  bytes_behind=0, full_resync=False),
+                        f"{host} replication: {name} copy to {record.replica} done; in-sync")
+            return
+        step = next_step(record, facts)
+        if step == Step.PREPARE_TARGET:
+            self._write(record.to(State.INITIAL_SYNC),
+                        f"{host} replication: {name} target ready")
+        elif step in (Step.START_COPY, Step.START_RESYNC):
+            self.copy_until[(uuid, host)] = sim.now + COPY_S
+            if record.state == State.BROKEN:
+                record = record.to(State.RESYNCING)
+            how = "full" if record.full_resync or step == Step.START_COPY else "incremental"
+            self._write(record, f"{host} replication: {name} {how} copy to "
+                                f"{record.replica} started")
+        elif step == Step.SHIP_CHANGES:
+            self.last_attempt[uuid] = sim.now
+            shipped = dict(last_consistent_at=sim.now, rpo_s=0.0, bytes_behind=0)
+            self._write(record.to(State.IN_SYNC, **shipped) if record.state == State.LAGGING
+                        else replace(record, **shipped),
+                        f"{host} replication: {name} cycle shipped to {record.replica} "
+                        f"(consistent point {format_point(sim.now)})")
+        elif step == Step.MARK_LAGGING:
+            self.last_attempt[uuid] = sim.now
+            self._write(record.to(State.LAGGING, rpo_s=sim.now - (record.last_consistent_at or 0)),
+                        f"{host} replication: {name} lagging ({record.replica} unreachable)")
+        elif step == Step.MARK_BROKEN:
+            since = self.link_down_since.get((uuid, host), sim.now)
+            self._write(record.to(State.BROKEN, last_consistent_at=since,
+                                  reason=f"replica {record.replica} unreachable"),
+                        f"{host} replication: {name} broken ({record.replica} unreachable "
+                        f"since {format_point(since)}); guest writes resume without it")
+        elif step == Step.STOP_STALE_COPY:
+            sim.hosts[host].running.discard(uuid)
+            sim.log(f"{host} replication: stopped stale copy of {name}")
+        elif step == Step.STOP_JOBS:
+            self._write(replace(record, primary_stopped=True),
+                        f"{host} replication: {name} jobs stopped")
+        elif step == Step.DROP_REPLICA:
+            self._write(record.to(State.DISABLED), f"{host} replication: {name} replica "
+                                                   "deleted")
+        elif step == Step.DELETE_RECORD:
+            sim.etcd.kv.pop(f"replication/{uuid}", None)
+            sim.etcd.revision += 1
+
+    def _write(self, record: ReplicationRecord, message: str) -> None:
+        self.sim.etcd.put(f"replication/{record.vm_uuid}", replace(record, revision=0))
+        self.sim.log(message)
