@@ -63,7 +63,10 @@ class HostService:
         # cluster member ([cluster] in config.toml): etcd store + agent; else SQLite
         self.cluster = cluster_runtime(config)
         self.store = self.cluster.store if self.cluster else SqliteStore(config.database)
-        self.jobs = JobRegistry()
+        # in a cluster job ids name the host, so any member finds a job's host
+        self.jobs = JobRegistry(f"job-{config.host_name}-" if self.cluster else "job-")
+        self.cluster_api: Any = None    # parvisor.cluster.host_api.ClusterApi (cluster)
+        self.forwarder: Any = None      # parvisor.api.forward.Forwarder (cluster)
         self.accelerator = current_accelerator()
         manager_class = self.cluster.vm_manager_class if self.cluster else VmManager
         self.vms = manager_class(config, self.store, self.jobs, self.accelerator)
@@ -165,6 +168,7 @@ class HostService:
     async def run(self) -> None:
         if self.cluster is not None:    # only this host's QEMUs: the cluster places VMs
             await self.cluster.adopt(self.vms)
+            await self._prepare_cluster_api()
         else:
             await reconcile(self.vms)
         # checkpoint create/apply/delete a dead service left half-done: reported
@@ -188,13 +192,36 @@ class HostService:
             # stops its watchdog) before asyncio.run cancels them again, mid-cleanup
             await asyncio.wait(background, timeout=15)
             self.detach_all()
+            if self.forwarder is not None:
+                await self.forwarder.close()
             self.switches.close()
             self.store.close()
+
+    async def _prepare_cluster_api(self) -> None:
+        """The cluster token and this host's cluster API certificate; its URL goes into
+        the registration the agent publishes (so before ``cluster.start``)."""
+        from parvisor.api.forward import Forwarder
+        from parvisor.cluster.host_api import prepare_cluster_api
+        cluster = self.cluster
+        api = await cluster._wait_for_etcd(lambda: prepare_cluster_api(
+            cluster.settings, cluster.dir, self.store.kv, self.store.keys.prefix))
+        cluster.api_url = api.url
+        self.cluster_api = api
+        self.forwarder = Forwarder(self.config.host_name, self.store, api.token,
+                                   api.client_ssl())
 
     def _servers(self) -> list[tuple[uvicorn.Server, list[socket.socket] | None]]:
         servers = [(uvicorn.Server(uvicorn.Config(create_app(self), log_level="warning",
                                                   lifespan="off")),
                     [self._unix_socket()])]
+        api = self.cluster_api
+        if api is not None and api.url:     # other members forward requests here
+            host, port = api.listen
+            cluster = uvicorn.Config(
+                create_app(self, tokens=(api.token, *self.config.api_tokens)),
+                host=host, port=port, log_level="warning", lifespan="off",
+                ssl_certfile=str(api.tls.cert), ssl_keyfile=str(api.tls.key))
+            servers.append((uvicorn.Server(cluster), None))
         for listen in self.config.listen_tcp:
             host, _, port = listen.rpartition(":")
             if not port.isdigit():

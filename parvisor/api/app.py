@@ -29,6 +29,7 @@ from parvisor.api.checkpoint_routes import install_checkpoint_routes
 from parvisor.web import install_web
 from parvisor.api.cluster_routes import install_cluster_routes
 from parvisor.api.migration_routes import install_migration_routes
+from parvisor.api.forward import ForwardingMiddleware
 from parvisor.api.vnc_routes import install_vnc_routes
 from parvisor.web.guard import WebSocketTokenGuard
 from parvisor.api.inventory_routes import install_inventory_routes
@@ -44,6 +45,10 @@ def create_app(service: Any, *, tokens: tuple[str, ...] | None = None,
     app = FastAPI(title="parvisor host API", version=__version__,
                   description="Manage VMs on one parvisor host.")
     _install_error_handlers(app)
+    forwarder = getattr(service, "forwarder", None)
+    if forwarder is not None:    # cluster: per-VM requests go to the VM's owner host;
+        # added first = innermost: auth, sessions and roles are checked here before
+        app.add_middleware(ForwardingMiddleware, forwarder=forwarder)
     if tokens is not None:
         _install_token_auth(app, tokens)
     _vm_routes(app, service)

@@ -20,7 +20,7 @@ _ERRORS_BY_CODE = {cls.code: cls for cls in (
     errors.InvalidInput, errors.NotFound, errors.AlreadyExists, errors.Busy,
     errors.Unauthorized, errors.Forbidden, errors.VmError, errors.QmpError,
     errors.GuestAgentError, errors.StorageError, errors.StoreError, errors.ImageError,
-    errors.Refused, errors.Failed)}
+    errors.Refused, errors.ServiceUnavailable, errors.Failed)}
 
 
 class ApiClient:

@@ -41,6 +41,8 @@ class HostRecord:
     migration: dict = field(default_factory=dict, compare=False, hash=False)
     # free bytes of its replica storage (None: not published; parvisor.replication)
     replica_free_bytes: int | None = None
+    # the cluster API other members forward requests to ("" = none; parvisor.api.forward)
+    api_url: str = ""
 
 
 @dataclass(frozen=True)

@@ -72,6 +72,7 @@ def policy_of(settings: ClusterSettings) -> ClusterPolicy:
 
 class ClusterRuntime:
     vm_manager_class = ClusterVmManager
+    api_url = ""        # this host's cluster API, set by the service before start()
 
     def __init__(self, config: HostConfig, settings: ClusterSettings) -> None:
         self.config = config
@@ -158,7 +159,8 @@ class ClusterRuntime:
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         return HostRecord(self.settings.host, memory, os.cpu_count() or 1,
                           shared_storage=self.settings.shared_storage is not None,
-                          site=self.settings.site, migration=self._migration_facts())
+                          site=self.settings.site, migration=self._migration_facts(),
+                          api_url=self.api_url)
 
     def _migration_tls_dir(self) -> Path | None:
         """QEMU's TLS files for migration streams, issued once from the cluster CA

@@ -20,6 +20,9 @@ from parvisor.errors import InvalidInput
 from parvisor.model.vm import validate_name
 
 
+CLUSTER_API_PORT = 8444     # what cluster create/join and the lab set (8443: listen_tcp's)
+
+
 @dataclass(frozen=True)
 class ClusterSettings:
     name: str
@@ -42,6 +45,11 @@ class ClusterSettings:
     # encrypt migration streams (QEMU TLS, certificates from the cluster CA); off by
     # default like Hyper-V's, for a dedicated migration network: TLS costs CPU per byte
     migration_tls: bool = False
+    # the cluster API: this host's API on TCP for the other members (forwarded requests
+    # about VMs it owns). TLS with a certificate from the cluster CA, the cluster token
+    # from etcd (parvisor.cluster.host_api). 0 = not served (forwarding out still works).
+    api_port: int = 0
+    api_address: str = ""                   # empty: migration_ip()
 
     @classmethod
     def from_table(cls, table: dict[str, Any], host_name: str, where: str = "") -> "ClusterSettings":
@@ -74,6 +82,8 @@ class ClusterSettings:
                                "(etcd with TLS and client certificates)")
         if not 0 < self.fence_margin_s < self.lease_ttl_s:
             raise InvalidInput(f"{where}[cluster]: need 0 < fence_margin_s < lease_ttl_s")
+        if not 0 <= self.api_port < 65536:
+            raise InvalidInput(f"{where}[cluster]: api_port must be 0 (off) or a TCP port")
         if self.max_concurrent_migrations < 1:
             raise InvalidInput(f"{where}[cluster]: max_concurrent_migrations must be >= 1")
         if not 0 < self.keepalive_interval_s < self.lease_ttl_s - self.fence_margin_s:
@@ -90,6 +100,10 @@ class ClusterSettings:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
             probe.connect((target.hostname or "127.0.0.1", target.port or 2379))
             return probe.getsockname()[0]
+
+    def api_ip(self) -> str:
+        """The address other members reach this host's cluster API on."""
+        return self.api_address or self.migration_ip()
 
     def render(self) -> str:
         """The TOML section (appended at the end of config.toml: tables come last)."""

@@ -59,14 +59,17 @@ class Job:
 class JobRegistry:
     KEEP_FINISHED = 500
 
-    def __init__(self) -> None:
+    def __init__(self, prefix: str = "job-") -> None:
+        # a cluster member's prefix names the host ("job-h1-"): ids are unique in the
+        # cluster and any member can forward GET /v1/jobs/ID to the job's host
+        self._prefix = prefix
         self._jobs: dict[str, Job] = {}
         self._ids = itertools.count(1)
         self._tasks: set[asyncio.Task] = set()
 
     def start(self, kind: str, work: Callable[[Job], Awaitable[Any]],
               vm_name: str | None = None) -> Job:
-        job = Job(id=f"job-{next(self._ids)}", kind=kind, vm_name=vm_name)
+        job = Job(id=f"{self._prefix}{next(self._ids)}", kind=kind, vm_name=vm_name)
         self._jobs[job.id] = job
         task = asyncio.get_running_loop().create_task(self._run(job, work))
         self._tasks.add(task)
