@@ -82,9 +82,13 @@ def test_cluster_page_on_a_two_host_lab(tiny_image, tmp_path):
         with playwright_sync.sync_playwright() as playwright:
             browser = playwright.chromium.launch(
                 executable_path=str(_chromium_inside(lab, "h1", tmp_path)), args=CHROMIUM_ARGS)
+            # a service restart and TCG guests on 2 busy cores: pages may take more than
+            # expect's default 5 s to show a condition (waits, not deadlines)
+            expect.set_options(timeout=30_000)
             try:
                 _check_pages(lab, browser, port)
             finally:
+                expect.set_options(timeout=5_000)
                 browser.close()
 
 
@@ -125,6 +129,18 @@ def _check_pages(lab, browser, port: int) -> None:
     expect(page.locator("#f-to option[value=h2]")).to_have_count(1)
     expect(page.locator("#migration")).to_contain_text("No migration on record")
     page.screenshot(path=str(ARTIFACTS / "vm-cluster.png"), full_page=True)
+
+    # live migration from the page: progress shown until it completes, VM then on h2
+    lab.on("h1", "vm", "start", "cv1")
+    expect(page.locator("#vm-state [data-state]")).to_have_attribute("data-state", "running")
+    page.select_option("#f-to", "h2")
+    page.click("button[data-action=migrate]")
+    expect(page.locator("#migration [data-state]")).to_have_attribute(
+        "data-state", "completed", timeout=180_000)
+    expect(page.locator("#migration-progress")).to_have_attribute("value", "1")
+    page.screenshot(path=str(ARTIFACTS / "vm-migrated.png"), full_page=True)
+    assert json.loads(lab.on("h1", "vm", "show", "cv1", "--json").stdout)["host"] == "h2"
+    lab.on("h2", "vm", "turn-off", "cv1")
     context.close()
 
 

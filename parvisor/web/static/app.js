@@ -805,11 +805,11 @@ function migrationPanel(name, base) {
     const left = (p.ram_remaining || 0) + (p.disk_remaining || 0);
     const done = MIGRATION_DONE.includes(m.phase);
     const share = m.phase === "completed" ? 1 : total ? (total - left) / total : 0;
-    progress.replaceChildren(h("p", {},
+    progress.replaceChildren(h("div", {}, h("p", {},
       `${m.source} → ${m.destination}: `, badge(m.phase), " ",
       h("progress", {max: 1, value: share, id: "migration-progress"}),
       ` ${Math.round(share * 100)}%`,
-      p.status ? h("span", {class: "muted"}, ` ${p.status}, pass ${p.passes}, ` +
+      p.status && !done ? h("span", {class: "muted"}, ` ${p.status}, pass ${p.passes}, ` +
         `${bytes(p.ram_remaining)} RAM left`) : null,
       m.reason ? h("span", {class: "error"}, ` ${m.reason}`) : null,
       m.result && m.result.downtime_ms !== undefined ? h("span", {class: "muted"},
@@ -821,7 +821,7 @@ function migrationPanel(name, base) {
             await api("POST", `${base}/migration/cancel`);
             toast("cancel requested");
           } catch (error) { toast(`Cancel refused: ${error.message}`, true); }
-        }}, "Cancel migration") : null);
+        }}, "Cancel migration") : null));
     if (done) stop(); else watch();
   }
   function watch() { if (!timer) timer = setInterval(show, 2000); }
