@@ -22,7 +22,7 @@ import stat
 from pathlib import Path
 from typing import Any
 
-from parvisor.errors import InvalidInput, NotFound, StateError
+from parvisor.errors import InvalidInput, NotFound, Refused, StateError
 from parvisor.model.states import ACTIVE_STATES, VmState, check_action
 from parvisor.model.validation import validate_model
 from parvisor.model.vm import DiskBoot, DiskSpec, NicSpec
@@ -39,6 +39,13 @@ from parvisor.vm.argv import disk_device_id, nic_device_id
 
 S = VmState
 OFFLINE_STATES = (S.OFF, S.CRASHED)
+
+
+class NotOnThisHost(Refused):
+    """A device change for a VM whose QEMU runs on another cluster host."""
+
+    code = "wrong_host"
+    http_status = 409
 
 
 class HotplugIo:
@@ -69,9 +76,9 @@ class HotplugIo:
                 # a cluster VM running on another host: changing only its definition
                 # here would leave the running VM and the definition disagreeing
                 host = self.vms.show(name).host
-                raise StateError(f"VM '{name}' runs on host {host}, not here: change its "
-                                 "devices on that host (or while it is off)",
-                                 vm=name, host=host)
+                raise NotOnThisHost(f"VM '{name}' runs on host {host}, not here: change "
+                                    "its devices on that host (or while it is off)",
+                                    vm=name, host=host)
             result = await work(record, runtime.process if running else None)
         return {"vm": self.vms.show(name).model_dump(mode="json"), **result}
 

@@ -17,6 +17,7 @@ from pydantic import ValidationError
 from parvisor.api.app import create_app
 from parvisor.config import load_config
 from parvisor.migration.checks import shared_disk_refusals
+from parvisor.model.states import VmState
 from parvisor.model.vm import VmDefinition, upgrade_definition
 from parvisor.ops.hotplug_devices import _disk_device, blockdev_nodes
 from parvisor.service import HostService
@@ -198,3 +199,17 @@ def test_checkpoint_clone_export_and_storage_migration_refuse_a_shared_disk(api,
     definition = definitions(service)["n1"]
     assert "--with-storage" in shared_disk_refusals(definition, with_storage=True)[0]
     assert shared_disk_refusals(definition, with_storage=False) == []
+
+
+def test_device_changes_of_a_vm_running_elsewhere_are_refused(api, service):
+    # a cluster VM recorded running whose QEMU is on another host: changing only its
+    # definition here would leave the running VM and the definition disagreeing
+    path = disk_file(api, service, "quorum.raw")
+    record = service.store.get_vm("n1")
+    service.store.set_state(record.uuid, VmState.STARTING)
+    service.store.set_state(record.uuid, VmState.RUNNING)
+    before = definitions(service)
+    response = api.post("/v1/vms/n1/disks", json={"path": path, "shared": True})
+    assert response.status_code == 409, response.text
+    assert "not here" in response.json()["error"]["message"]
+    assert definitions(service) == before
