@@ -60,11 +60,12 @@ def refusal(host: HostView, vm: VmView, view: ClusterView, usage: Usage, *,
     if host.quarantined_until is not None and view.now < host.quarantined_until:
         return "quarantined"
     replica_set = vm.replication
-    if (not disks_on_host and replica_set is not None
-            and replica_set.state != ReplicationState.DISABLED
-            and host.name != replica_set.primary):
-        # only the newest generation's primary may run it (a failover moves both)
-        return f"not the primary of its replica set (generation {replica_set.generation})"
+    if replica_set is not None and replica_set.state != ReplicationState.DISABLED:
+        if host.name == replica_set.primary:
+            disks_on_host = True        # the newest generation's copy is local there
+        elif not disks_on_host:
+            # only the newest generation's primary may run it (a failover moves both)
+            return f"not the primary of its replica set (generation {replica_set.generation})"
     if not disks_on_host and vm.on_shared_storage is False:
         return "disks on local storage"
     if not disks_on_host and not host.shared_storage:
