@@ -256,6 +256,14 @@ def test_switches_hot_add_charts_checkpoints_and_a_viewer(browser, console_host)
     expect(page.locator("#vm-state [data-state]")).to_have_attribute("data-state", "off")
     expect(page.locator("#vm-events")).to_contain_text("checkpoint 'cp1' applied")
     assert console_host.state(vm) == "off"
+    # a second one hangs below the first in the tree; deleting it (confirmed) leaves cp1
+    page.fill("#f-checkpoint", "cp2")
+    page.click("button[data-action=create-checkpoint]")
+    cp2 = cp1.locator("li[data-checkpoint=cp2]")
+    expect(cp2.locator("[data-current]")).to_be_visible()
+    cp2.locator("button[data-action=delete-checkpoint]").click()
+    cp2.locator("button[data-action=confirm-delete-checkpoint]").click()
+    expect(page.locator("li[data-checkpoint=cp2]")).to_have_count(0)
 
     # the switch is in use: deleting it is refused and the page says why
     page.goto("/ui/switches")
