@@ -7,9 +7,11 @@ CA, the cluster token). h1's cluster API refuses a wrong token or none (401).
 
 from __future__ import annotations
 
+import contextlib
 import re
 import shutil
 import ssl
+import time
 
 import httpx
 import pytest
@@ -68,7 +70,28 @@ def test_h2_acts_on_a_vm_running_on_h1(lab):
     lab.on("h2", "vm", "checkpoint", "create", "fw1", "from-h2")
     listed = h1.get("/vms/fw1/checkpoints")["checkpoints"]
     assert [c["name"] for c in listed] == ["from-h2"]
+
+    # the serial console through h2's socket (what `vm console` opens), relayed to h1
+    assert _console_answer(lab, "h2", b"echo fw-$((6*7))\n", b"fw-42")
     assert lab.running_on(vm_uuid) == ["h1"]         # nothing moved on the way
+
+
+def _console_answer(lab, host: str, typed: bytes, expected: bytes, timeout: float = 30) -> bool:
+    from websockets.sync.client import unix_connect
+    socket_path = lab.lab.state_dir(host) / "run" / "api.sock"
+    seen = b""
+    with unix_connect(str(socket_path), "ws://parvisor/v1/vms/fw1/console",
+                      open_timeout=10) as ws:
+        ws.send(typed)
+        deadline = time.monotonic() + timeout
+        while expected not in seen:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"no {expected!r} on the console in {timeout:g} s: "
+                                     f"{seen[-300:]!r}")
+            with contextlib.suppress(TimeoutError):
+                seen += ws.recv(timeout=left)
+    return True
 
 
 def test_cluster_api_refuses_a_wrong_token(lab):

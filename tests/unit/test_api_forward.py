@@ -31,6 +31,7 @@ from parvisor.model.states import VmState
 from parvisor.store.etcd import Keys
 
 TOKEN = "cluster-token-for-tests"
+HANGING_S = 20.0
 
 
 # --- pure rules -----------------------------------------------------------------------
@@ -159,6 +160,11 @@ def owner_app() -> FastAPI:
         body = await request.json()
         raise Busy(f"VM '{name}' refuses {body['argv'][0]}", vm=name)
 
+    @app.post("/v1/vms/{name}/save")
+    async def slow(name: str):
+        await asyncio.sleep(HANGING_S)          # an owner that never answers in time
+        return {"saved": name}
+
     @app.get("/v1/jobs/{job_id}")
     async def job(job_id: str):
         return {"id": job_id, "status": "succeeded"}
@@ -203,7 +209,8 @@ def pki(tmp_path_factory):
 @pytest.fixture(scope="module")
 def owner(pki):
     app = owner_app()
-    server = Server(app, ssl_certfile=str(pki.server.cert), ssl_keyfile=str(pki.server.key))
+    server = Server(app, ssl_certfile=str(pki.server.cert), ssl_keyfile=str(pki.server.key),
+                    timeout_graceful_shutdown=1)
     server.app = app
     yield server
     server.stop()
@@ -269,6 +276,18 @@ def test_owner_unreachable_gives_503_within_the_connect_timeout(cluster):
     assert answer.status_code == 503
     assert "h3" in answer.json()["error"]["message"]
     assert time.monotonic() - started < CONNECT_TIMEOUT_S + 2.0    # margin: a loaded box
+
+
+def test_owner_leaving_the_cluster_mid_request_gives_503_not_a_hang(cluster):
+    from parvisor.api.forward import OWNER_CHECK_EVERY_S
+    cluster.store.add_vm("web", owner="h1")
+    member_key = cluster.store.keys.member("h1")
+    threading.Timer(0.5, cluster.store.kv.items.pop, (member_key,)).start()  # lease expiry
+    started = time.monotonic()
+    answer = httpx.post(f"{cluster.url}/v1/vms/web/save", timeout=HANGING_S)
+    waited = time.monotonic() - started
+    assert answer.status_code == 503 and "left the cluster" in answer.json()["error"]["message"]
+    assert waited < 0.5 + OWNER_CHECK_EVERY_S + 2.0, waited      # margin: a loaded box
 
 
 def test_an_owner_certificate_from_another_ca_is_refused(cluster, pki):
