@@ -252,6 +252,24 @@ def failover_verdict(record: ReplicationRecord) -> FailoverVerdict:
                                   "(replication failover --force)")
 
 
+def protection(ha: bool, on_shared_storage: bool,
+               record: ReplicationRecord | None) -> str:
+    """The VM's ``ha_status`` wording (as ``cluster.vm_ops`` reports it today), with
+    replication taken into account: protected only if a failover would happen now."""
+    if not ha:
+        return "not HA"
+    if record is None or record.state == S.DISABLED:
+        return "protected" if on_shared_storage else "not protected: disks on local storage"
+    verdict = failover_verdict(record)
+    if verdict.forced:
+        return f"at risk: {verdict.reason}"      # it would fail over, losing data
+    if not verdict.allowed:
+        return f"not protected: {verdict.reason}"
+    rpo = "" if record.mode == Mode.SYNC else f", every {record.interval_s} s"
+    return (f"protected by {record.mode.value} replication to {record.replica} "
+            f"({record.state.value}{rpo})")
+
+
 def request_force(record: ReplicationRecord) -> ReplicationRecord:
     """The user's ``--force``: recorded, so the manager may fail over a broken replica.
     Refused where it would not help (no usable copy) or is not needed."""

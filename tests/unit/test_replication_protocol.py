@@ -9,7 +9,8 @@ from parvisor.errors import InvalidInput, StateError
 from parvisor.replication.protocol import (TRANSITIONS, InvalidTransition, LocalFacts,
                                            Mode, ReplicationRecord, State, Step,
                                            failover_verdict, format_point, may_run,
-                                           next_step, parse_interval, request_force)
+                                           next_step, parse_interval, protection,
+                                           request_force)
 from parvisor.testing.cluster_sim import no_wall_clock
 
 GIB = 1 << 30
@@ -205,3 +206,20 @@ def test_points_read_as_simulator_time_or_utc():
     assert format_point(None) == "never"
     assert format_point(30.0) == "t=30.00"
     assert format_point(1_790_000_000.0) == "2026-09-21T14:13:20Z"
+
+
+def test_protection_wording_counts_replication_only_when_a_failover_would_happen():
+    assert protection(False, True, None) == "not HA"
+    assert protection(True, True, None) == "protected"
+    assert protection(True, False, None) == "not protected: disks on local storage"
+    assert protection(True, False, rec(State.DISABLED)) == \
+        "not protected: disks on local storage"
+    assert protection(True, False, rec()) == "protected by sync replication to h2 (in-sync)"
+    assert protection(True, False, rec(State.LAGGING, Mode.ASYNC)) == \
+        "protected by async replication to h2 (lagging, every 30 s)"
+    assert protection(True, False, rec(State.INITIAL_SYNC)).startswith(
+        "not protected: replica on h2 is still in its initial sync")
+    broken = protection(True, False, rec(State.BROKEN, force_failover=True))
+    assert broken.startswith("at risk: FORCED by the user: replica on h2 is broken")
+    assert protection(True, False, rec(State.BROKEN)).endswith("refused unless forced "
+                                                               "(replication failover --force)")
