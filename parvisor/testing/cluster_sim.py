@@ -4,7 +4,9 @@ What for: runs the real ``Agent``/``Manager``/``decide`` code against a simulate
 step by step, so scenario tests (tests/scenarios) reproduce host crashes, isolation,
 frozen agents, etcd leader changes, quorum loss and site splits in milliseconds, with
 a golden log. Invariants INV-1, -2, -3, -5, -6 are checked at every step (and INV-1
-also at every VM start and every lease expiry), so a golden can never bless a violation.
+also at every VM start and every lease expiry), and GEN for replicated VMs (only the
+newest generation's primary runs the VM; owner and primary agree) at every step and
+start, so a golden can never bless a violation.
 
 Never: threads, sleeps, wall-clock reads, randomness, unsorted iteration.
 
