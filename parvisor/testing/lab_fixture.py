@@ -45,6 +45,7 @@ class LabUnderTest:
         self.env = {**os.environ, "PARVISOR_LAB_DIR": str(self.dir)}
         self.lab = Lab(self.dir)
         self.double_runs: list[str] = []
+        self._canary_disks: dict[str, tuple[Path, str]] = {}
         self.cli("lab", "up", "--hosts", str(hosts), *extra, timeout=120)
 
     def cli(self, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -68,9 +69,11 @@ class LabUnderTest:
 
     def canary_log(self, vm: str, asking: str = "h2") -> canary.Verdict:
         """The canary log of ``vm``'s first disk, read from shared storage on the root
-        side (any host's CLI says where the disk is)."""
-        disk = json.loads(self.on(asking, "vm", "show", vm, "--json").stdout)["disks"][0]
-        return canary.verdict_of(Path(disk["path"]), disk["format"])
+        side (any host's CLI says where the disk is, asked once: it stays put)."""
+        if vm not in self._canary_disks:
+            disk = json.loads(self.on(asking, "vm", "show", vm, "--json").stdout)["disks"][0]
+            self._canary_disks[vm] = (Path(disk["path"]), disk["format"])
+        return canary.verdict_of(*self._canary_disks[vm])
 
     def vms(self, host: str) -> list[dict[str, Any]]:
         return json.loads(self.on(host, "vm", "list", "--json").stdout)
