@@ -5,14 +5,12 @@ I/O, no clock (times are passed in; recorded times are wall clock, for humans on
 
 States (who writes each move):
 
-    enabling ─replica─▶ initial-sync ─primary─▶ in-sync ◀──primary──▶ lagging (async)
-       │                     │                    │  ▲                  │
-       │                     └──────primary──────▶│  │ primary          │
-       └──────────────────────────────────────▶ broken ─primary─▶ resyncing
-                                                  │                   ▲
-                 manager (failover txn) ◀─────────┴── in-sync/lagging │ manager
-                        ▼                                             │ (reverse)
-                    failed-over ──────────────────────────────────────┘
+    enabling        ─replica─▶  initial-sync  ─primary─▶  in-sync
+    in-sync         ◀─primary─▶ lagging       (async: a cycle could not ship / shipped)
+    any copying     ─primary─▶  broken        (the replica is away: see sync below)
+    broken          ─primary─▶  resyncing     ─primary─▶  in-sync
+    in-sync|lagging ─manager─▶  failed-over   (failover txn; from broken only forced)
+    failed-over     ─manager─▶  resyncing     (the old primary, or a new host, as replica)
     any but disabled ─user─▶ disabling ─replica─▶ disabled (the primary deletes the key)
 
 * ``generation`` numbers the replica set. Only ``primary`` of the newest generation may

@@ -12,7 +12,7 @@ from parvisor.cluster.model import (ClusterPolicy, ClusterView,
                                     FailoverToReplica, HostView, MarkError, Owner, PlaceVm,
                                     ReverseReplication, VmPhase, VmView)
 from parvisor.replication.protocol import Mode, ReplicationRecord, State, request_force
-from parvisor.testing.cluster_sim import (InvariantViolation, SimHostEnv,
+from parvisor.testing.cluster_sim import (InvariantViolation, ScriptEvent, SimHostEnv,
                                           build_simulation, no_wall_clock)
 
 GIB = 1 << 30
@@ -202,3 +202,25 @@ def test_gen_invariant_catches_a_stale_copy_starting():
     sim.hosts["h1"].running.clear()
     with pytest.raises(InvariantViolation, match="GEN .* runs on \\['h2'\\]"):
         sim.start_process("h2", "db-uuid")
+
+
+def test_simulated_engines_walk_enable_copy_lag_and_recover():
+    initial = {**INITIAL, "vms": [
+        {"name": "db", "host": "h1", "shared_storage": False,
+         "replication": {"mode": "sync", "replica": "h2", "state": "enabling"}},
+        {"name": "app", "host": "h1", "shared_storage": False,
+         "replication": {"mode": "async", "replica": "h2", "interval": "30s"}}]}
+    sim = build_simulation(initial)
+    sim.run([ScriptEvent(20.0, "cut", ("h1", "h2")), ScriptEvent(40.0, "uncut", ("h1", "h2"))],
+            70.0)
+    log = "\n".join(line.split(" ", 2)[2] for line in sim.lines)
+    for expected in ["h2 replication: db target ready",
+                     "h1 replication: db full copy to h2 started",
+                     "h1 replication: db copy to h2 done; in-sync",
+                     "h1 replication: db broken (h2 unreachable since t=20.00)",
+                     "h1 replication: app lagging (h2 unreachable)",
+                     "h1 replication: db incremental copy to h2 started",
+                     "h1 replication: app cycle shipped to h2 (consistent point t=60.00)"]:
+        assert expected in log, expected
+    states = {r.vm_name: r.state for r in sim.replications(sim.etcd).values()}
+    assert states == {"db": State.IN_SYNC, "app": State.IN_SYNC}
