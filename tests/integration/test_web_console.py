@@ -244,7 +244,11 @@ def test_switches_hot_add_charts_checkpoints_and_a_viewer(browser, console_host)
             "data-samples", re.compile(r"^([2-9]|\d\d+)$"))
     expect(page.locator("#chart-memory canvas")).to_be_visible()
 
-    # checkpoint: create (live, disks only), then apply with confirmation
+    # checkpoint: a bad name is refused next to its field; create (live, disks only),
+    # then apply with confirmation
+    page.fill("#f-checkpoint", "cp/1")
+    page.click("button[data-action=create-checkpoint]")
+    expect(page.locator("#e-checkpoint")).not_to_be_empty()
     page.fill("#f-checkpoint", "cp1")
     page.click("button[data-action=create-checkpoint]")
     cp1 = page.locator("li[data-checkpoint=cp1]")

@@ -531,15 +531,19 @@ function actionForm(id, fields, button, extra) {
 
 // Run `call` for a form: errors go next to their field (or under the form); nothing
 // else happens on an error, so a refused value changes nothing on the page either.
-function submitWith(form, call) {
+// `renamed`: API field -> this form's field; `about`: where an error that names no
+// field goes when its details name `about[0]` (e.g. {path} of a refused disk path).
+function submitWith(form, call, renamed = {}, about = ["path", "path"]) {
   form.onsubmit = async (event) => {
     event.preventDefault();
     clearErrors(form);
     try {
       await call();
     } catch (error) {
-      if (!error.details.errors && !error.details.field && error.details.path &&
-          form.querySelector("#e-path")) error.details.field = "path";
+      const details = error.details;
+      if (!details.errors && !details.field && details[about[0]] !== undefined &&
+          form.querySelector(`#e-${about[1]}`)) details.field = about[1];
+      for (const item of details.errors || []) item.field = renamed[item.field] || item.field;
       showErrors(form, error);
     }
   };
@@ -574,17 +578,9 @@ function checkpointsPanel(name, base) {
   submitWith(form, async () => {
     const body = {with_memory: memory.checked};
     if (nameField.input.value.trim()) body.name = nameField.input.value.trim();
-    try {
-      jobStarted("Checkpoint", await api("POST", `${base}/checkpoints`, body));
-    } catch (error) {
-      if (error.details.checkpoint || (error.details.errors || [])[0]?.field === "name") {
-        error.details.field = "checkpoint";            // the API calls it "name"
-        if (error.details.errors) error.details.errors.forEach((e) => { e.field = "checkpoint"; });
-      }
-      throw error;
-    }
+    jobStarted("Checkpoint", await api("POST", `${base}/checkpoints`, body));
     nameField.input.value = "";
-  });
+  }, {name: "checkpoint"}, ["checkpoint", "checkpoint"]);   // e.g. the name is taken
   async function refresh() {
     let answer;
     try {
