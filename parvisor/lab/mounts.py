@@ -112,6 +112,7 @@ def uncover(path: Path) -> None:
 
 
 def is_mount_point(path: Path) -> bool:
+    path = path.resolve()       # mountinfo shows resolved paths (/tmp may be a link)
     return path in mounts_under(_mountinfo(), path)
 
 
@@ -121,6 +122,7 @@ def _mountinfo() -> str:
 
 def unmount_all(directory: Path) -> list[str]:
     """Unmount everything at or below ``directory``; return what is still mounted."""
+    directory = directory.resolve()     # mountinfo shows resolved paths
     for point in mounts_under(_mountinfo(), directory):
         if subprocess.run(["umount", str(point)], capture_output=True).returncode != 0:
             # busy (a process still inside it): detach now, freed when it lets go

@@ -123,7 +123,8 @@ class LabUnderTest:
         assert not [ns for ns in names if (net.NETNS_DIR / ns).exists()], "netns left"
         links = net.ip("-o", "link", "show", check=False).stdout
         assert state.prefix not in links, "links left behind"
-        assert not mounts.mounts_under(Path("/proc/self/mountinfo").read_text(), self.dir), \
+        mountinfo = Path("/proc/self/mountinfo").read_text()
+        assert not mounts.mounts_under(mountinfo, self.dir.resolve()), \
             "mounts left behind"
         assert not self.dir.exists(), "lab dir left behind"
 
