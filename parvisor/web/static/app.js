@@ -861,7 +861,10 @@ function clusterPage() {
 function clusterSummary(status) {
   const hostNames = new Set(status.hosts.map((x) => x.name));
   const voters = status.etcd.filter((m) => m.voter);
-  // an etcd member that is no parvisor host is a witness (quorum only, no VMs)
+  // The status names no witness: when etcd members are named after the hosts (as the
+  // lab does), a member that is no host is a witness (quorum only, no VMs); with other
+  // names (m1, m2, …) the page cannot tell and says so.
+  const namedAfterHosts = status.etcd.some((m) => hostNames.has(m.name));
   const witnesses = status.etcd.filter((m) => !hostNames.has(m.name));
   const rows = [
     ["Cluster", status.cluster],
@@ -870,8 +873,9 @@ function clusterSummary(status) {
     ["Voting members", `${voters.filter((m) => m.reachable).length} of ${voters.length} ` +
       `reachable: ${voters.map((m) => m.name + (m.leader ? " (leader)" : "") +
         (m.reachable ? "" : " (unreachable)")).join(", ") || "–"}`],
-    ["Witness", witnesses.map((m) => `${m.name}: ${m.reachable ? "reachable" : "unreachable"}` +
-      (m.voter ? "" : " (learner)")).join(", ") || "none"],
+    ["Witness", !namedAfterHosts ? "not known (etcd members are not named after hosts)"
+      : witnesses.map((m) => `${m.name}: ${m.reachable ? "reachable" : "unreachable"}` +
+        (m.voter ? "" : " (learner)")).join(", ") || "none"],
     ["This host", status.this_host ? status.this_host.name : state.host]];
   return h("div", {class: "card"}, h("dl", {class: "details", id: "cluster-summary"},
     rows.flatMap(([key, value]) => [h("dt", {}, key),
