@@ -64,7 +64,8 @@ def disk_options(attach: list[str], sizes: list[str]) -> dict[str, Any]:
     """The body fields of ``vm create`` for ``--disk`` and ``--disk-size``."""
     body: dict[str, Any] = {}
     if attach:
-        body["disks"] = [parse_device_option(a, "path", ("bus", "format"), ("readonly",))
+        body["disks"] = [parse_device_option(a, "path", ("bus", "format"),
+                                             ("readonly", "shared"))
                          for a in attach]
     if sizes:
         body["new_disks"] = [parse_device_option(s, "size", ("bus", "format")) for s in sizes]

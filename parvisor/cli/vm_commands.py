@@ -101,8 +101,9 @@ def create(name: str,
            cmdline: Optional[str] = typer.Option(None, "--cmdline"),
            disk: list[str] = typer.Option(
                [], "--disk", help="Existing disk in a storage root: PATH[,bus=B][,format=F]"
-               "[,readonly]; repeatable, the first boots (bus: virtio-blk, virtio-scsi, ide, "
-               "ahci)."),
+               "[,readonly][,shared]; repeatable, the first boots (bus: virtio-blk, "
+               "virtio-scsi, ide, ahci; shared: a raw image several VMs write, "
+               "guest clustering)."),
            disk_size: list[str] = typer.Option(
                [], "--disk-size", help="New empty data disk: SIZE[,bus=B][,format=F]; "
                "repeatable, deleted with the VM."),

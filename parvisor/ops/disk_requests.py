@@ -43,6 +43,7 @@ class AttachDisk(_Request):
     bus: Bus = "virtio-blk"
     format: VmDiskFormat | None = None      # None: from the extension / qemu-img
     readonly: bool = False
+    shared: bool = False    # guest clustering: written by several VMs (raw, virtio-scsi)
 
 
 class NewDisk(_Request):

@@ -19,6 +19,7 @@ from typing import Any, Iterator
 from parvisor.config import HostConfig
 from parvisor.errors import InvalidInput, NotFound, StateError
 from parvisor.model.states import VmState
+from parvisor.model.validation import validate_model
 from parvisor.model.vm import DiskSpec, VmDefinition
 from parvisor.ops.disk_requests import (AttachDisk, ConvertDisk, CreateDisk, InsertCdrom,
                                         NewDisk, ResizeDisk)
@@ -44,10 +45,68 @@ def attached_disk_specs(attach: list[AttachDisk], roots: tuple[Path, ...]) -> li
         path = resolve_in_roots(item.path, roots)
         require_file(path, what="disk")
         fmt = item.format or files.format_of(path, roots)
+        bus = item.bus
+        if item.shared and "bus" not in item.model_fields_set:
+            bus = "virtio-scsi"             # the only bus a shared disk can sit on
+        spec = validate_model(DiskSpec, {"id": f"disk{index}", "path": str(path),
+                                         "format": fmt, "bus": bus,
+                                         "readonly": item.readonly, "shared": item.shared})
         files.validated_chain(path, fmt, roots)
-        specs.append(DiskSpec(id=f"disk{index}", path=str(path), format=fmt, bus=item.bus,
-                              readonly=item.readonly))
+        specs.append(spec)
     return specs
+
+
+# --- shared disks (guest clustering) ------------------------------------------------------
+def disk_uses(store: Store, path: str) -> list[tuple[str, bool]]:
+    """(VM name, attached as shared) for every VM whose definition names ``path``."""
+    return [(r.name, x.shared) for r in store.list_vms()
+            for x in r.definition.disks if x.path == path]
+
+
+def check_sharing(disk: DiskSpec, uses: list[tuple[str, bool]], *,
+                  exclusive: bool) -> None:
+    """A file is shared only by VMs that all attached it as shared; ``exclusive``
+    (hot-add of a plain disk) also refuses a plain disk another VM has."""
+    users = sorted({vm for vm, _ in uses})
+    all_shared = all(shared for _, shared in uses)
+    if not uses or (disk.shared and all_shared):
+        return
+    if disk.shared:
+        raise InvalidInput(f"{disk.path} is a plain (not shared) disk of VM(s) "
+                           f"{', '.join(users)}: a second writer would corrupt it",
+                           path=disk.path, vms=users)
+    if all_shared:
+        raise InvalidInput(f"{disk.path} is already used by VM(s) {', '.join(users)} as a "
+                           "shared disk: add it with --shared", path=disk.path, vms=users)
+    if exclusive:
+        raise InvalidInput(f"{disk.path} is already used by VM(s) {', '.join(users)}",
+                           path=disk.path, vms=users)
+
+
+def check_shareable(path: Path, cluster_root: Path | None) -> None:
+    """Where a shared disk may live: on storage every node can reach without a host
+    page cache in between (and, in a cluster, on the cluster's shared storage)."""
+    if cluster_root is not None and not path.resolve().is_relative_to(
+            Path(cluster_root).resolve()):
+        raise InvalidInput(f"{path} is not on the cluster's shared storage "
+                           f"({cluster_root}): other hosts could not open it, and "
+                           "recovery could not bring the VMs elsewhere", path=str(path),
+                           shared_storage=str(cluster_root))
+    if not files.supports_direct_io(path):
+        raise InvalidInput(f"the file system under {path} does not support O_DIRECT: "
+                           "a shared disk needs cache=none (no host page cache "
+                           "between the VMs)", path=str(path))
+
+
+def check_new_vm_sharing(store: Store, disks: list[DiskSpec],
+                         cluster_root: Path | None) -> None:
+    """``vm create --disk PATH[,shared]``: shared and plain uses of one file never mix
+    (plain disks of several VMs stay allowed at create, e.g. read-only bases)."""
+    for disk in disks:
+        if disk.path and disk.media == "disk":
+            check_sharing(disk, disk_uses(store, disk.path), exclusive=False)
+            if disk.shared:
+                check_shareable(Path(disk.path), cluster_root)
 
 
 def vm_disk_dir(roots: tuple[Path, ...], vm_uuid: str) -> Path:

@@ -27,7 +27,8 @@ from parvisor.model.states import ACTIVE_STATES, VmState, check_action
 from parvisor.model.validation import validate_model
 from parvisor.model.vm import DiskBoot, DiskSpec, NicSpec
 from parvisor.ops import hotplug_devices as qmp_dev
-from parvisor.ops.disks import _give_to, vm_disk_dir
+from parvisor.ops.disks import (_give_to, check_shareable, check_sharing, disk_uses,
+                                vm_disk_dir)
 from parvisor.ops.hotplug_plan import device_port, free_root_port, next_free_id
 from parvisor.ops.nics import _uid, macs_in_use, nic_specs
 from parvisor.ops.requests import AddDisk, AddNic
@@ -181,43 +182,17 @@ class HotplugIo:
         files.validated_chain(path, fmt, roots)
         self._check_users(record, spec)
         if spec.shared:
-            self._check_shareable(path)
+            check_shareable(path, getattr(self.vms, "shared_storage", None))
         self._check_qemu_access(path, request.readonly)
         return spec
 
     def _check_users(self, record: VmRecord, disk: DiskSpec) -> None:
         """A file is one VM's, or shared by VMs that all attached it as shared."""
-        uses = [(r.name, x.shared) for r in self.vms.store.list_vms()
-                for x in r.definition.disks if x.path == disk.path]
-        users = sorted({vm for vm, _ in uses})
-        if record.name in users:
+        uses = disk_uses(self.vms.store, disk.path)
+        if record.name in {vm for vm, _ in uses}:
             raise InvalidInput(f"VM '{record.name}' already has {disk.path}",
                                path=disk.path, vm=record.name)
-        if not uses or (disk.shared and all(shared for _, shared in uses)):
-            return
-        if disk.shared:
-            raise InvalidInput(f"{disk.path} is a plain (not shared) disk of VM(s) "
-                               f"{', '.join(users)}: a second writer would corrupt it",
-                               path=disk.path, vms=users)
-        hint = (" as a shared disk: add it with --shared"
-                if all(shared for _, shared in uses) else "")
-        raise InvalidInput(f"{disk.path} is already used by VM(s) {', '.join(users)}{hint}",
-                           path=disk.path, vms=users)
-
-    def _check_shareable(self, path: Path) -> None:
-        """Where a shared disk may live: on storage every node can reach without a host
-        page cache in between (and, in a cluster, on the cluster's shared storage)."""
-        cluster_root = getattr(self.vms, "shared_storage", None)
-        if cluster_root is not None and not path.resolve().is_relative_to(
-                Path(cluster_root).resolve()):
-            raise InvalidInput(f"{path} is not on the cluster's shared storage "
-                               f"({cluster_root}): other hosts could not open it, and "
-                               "recovery could not bring the VMs elsewhere", path=str(path),
-                               shared_storage=str(cluster_root))
-        if not files.supports_direct_io(path):
-            raise InvalidInput(f"the file system under {path} does not support O_DIRECT: "
-                               "a shared disk needs cache=none (no host page cache "
-                               "between the VMs)", path=str(path))
+        check_sharing(disk, uses, exclusive=True)
 
     def _create_file(self, disk: DiskSpec, request: AddDisk) -> Path:
         target = Path(disk.path)

@@ -191,6 +191,7 @@ class VmManager(LifecycleActions):
             raise InvalidInput("give exactly one of --image tiny, --kernel K or --disk PATH"
                                " (or --cdrom ISO to install from)")
         disks = disk_ops.attached_disk_specs(attach, roots)
+        disk_ops.check_new_vm_sharing(self.store, disks, getattr(self, "shared_storage", None))
         disks += disk_ops.new_disk_specs(vm_uuid, request.new_disks, len(disks), roots)
         if request.cdrom:
             disks.append(disk_ops.cdrom_spec(request.cdrom, roots))

@@ -213,3 +213,29 @@ def test_device_changes_of_a_vm_running_elsewhere_are_refused(api, service):
     assert response.status_code == 409, response.text
     assert "not here" in response.json()["error"]["message"]
     assert definitions(service) == before
+
+
+def test_vm_create_attaches_a_shared_disk_and_never_mixes_shared_with_plain(api, service):
+    path = disk_file(api, service, "quorum.raw")
+    kernel = str(root(service) / "vmlinuz")
+    made = api.post("/v1/vms", json={"name": "c1", "kernel": kernel,
+                                     "disks": [{"path": path, "shared": True}]})
+    assert made.status_code == 201, made.text
+    assert [(d["shared"], d["bus"]) for d in made.json()["disks"]] == [(True, "virtio-scsi")]
+    before = definitions(service)
+    refused(api.post("/v1/vms", json={"name": "c2", "kernel": kernel,
+                                      "disks": [{"path": path}]}), "add it with --shared")
+    plain = disk_file(api, service, "plain.raw")
+    assert api.post("/v1/vms", json={"name": "c3", "kernel": kernel,
+                                     "disks": [{"path": plain}]}).status_code == 201
+    refused(api.post("/v1/vms", json={"name": "c4", "kernel": kernel,
+                                      "disks": [{"path": plain, "shared": True}]}),
+            "plain (not shared) disk of VM(s) c3")
+    after = definitions(service)
+    assert "c2" not in after and "c4" not in after and before["c1"] == after["c1"]
+
+
+def test_cli_disk_option_takes_the_shared_flag():
+    from parvisor.cli.disk_commands import disk_options
+    assert disk_options(["/c/q.raw,shared"], [])["disks"] == [{"path": "/c/q.raw",
+                                                               "shared": True}]
