@@ -77,8 +77,11 @@ class HotplugIo:
                 # a cluster VM running on another host: changing only its definition
                 # here would leave the running VM and the definition disagreeing
                 host = self.vms.show(name).host
-                raise NotOnThisHost(f"VM '{name}' runs on host {host}, not here: change "
-                                    "its devices on that host (or while it is off)",
+                where = (f"runs on host {host}, not here: change its devices on that host"
+                         if host != self.vms.config.host_name else
+                         "is recorded running but this service has no QEMU of it (yet): "
+                         "try again once it is re-adopted, or change it")
+                raise NotOnThisHost(f"VM '{name}' {where} (or while it is off)",
                                     vm=name, host=host)
             result = await work(record, runtime.process if running else None)
         return {"vm": self.vms.show(name).model_dump(mode="json"), **result}

@@ -211,7 +211,7 @@ def test_device_changes_of_a_vm_running_elsewhere_are_refused(api, service):
     before = definitions(service)
     response = api.post("/v1/vms/n1/disks", json={"path": path, "shared": True})
     assert response.status_code == 409, response.text
-    assert "not here" in response.json()["error"]["message"]
+    assert "no QEMU of it" in response.json()["error"]["message"]     # standalone host
     assert definitions(service) == before
 
 
