@@ -75,7 +75,10 @@ DEFAULT_STALL_LIMIT_S = 5.0
 POLL_S = 0.1
 BITMAPS = ("repl-a", "repl-b")
 ASYNC_PREFIX = "repl-async-"
-RESYNC_BITMAP = "repl-resync"
+RESYNC_BITMAP = "repl-resync"        # of earlier versions; removed on stop
+RESYNC_MAX_ROUNDS = 5
+RESYNC_PAUSED_BYTES = 4 << 20      # what is left for the paused final round (at most)
+RESYNC_ROUND_TIMEOUT_S = 3600.0
 JOB_END_TIMEOUT_S = 30.0
 TCP_USER_TIMEOUT = getattr(socket, "TCP_USER_TIMEOUT", 18)
 # struct tcp_info (linux/tcp.h): 8 bytes of u8 fields, then u32s; the two we need:
@@ -267,7 +270,17 @@ async def _add_nbd_node(process: QemuProcess, node: str, link: Link, export: str
         await _tls_object(process, Path(tls_dir), "client")
         spec["tls-creds"] = TLS_OBJECT_ID
         spec["tls-hostname"] = host
-    await _execute(process, "blockdev-add", spec)
+    # the NBD handshake runs inside blockdev-add and has no timeout of its own: a peer
+    # that accepted but does not answer would hold it (and QEMU's monitor) forever
+    adding = asyncio.ensure_future(_execute(process, "blockdev-add", spec))
+    done, _ = await asyncio.wait({adding}, timeout=link.stall_limit_s)
+    if not done:
+        link.shut()
+    try:
+        await adding
+    except QmpError as exc:
+        raise ReplicationFailed(f"cannot open the replica's NBD export {export!r}: "
+                                f"{exc.message}") from exc
 
 
 async def _del_node(process: QemuProcess, node: str) -> None:
@@ -284,7 +297,8 @@ async def _jobs(process: QemuProcess) -> dict[str, dict[str, Any]]:
 async def _bitmaps(process: QemuProcess, node: str) -> list[dict[str, Any]]:
     for entry in await _execute(process, "query-named-block-nodes", {"flat": True}):
         if entry.get("node-name") == node:
-            return list(entry.get("dirty-bitmaps", []))
+            # the mirror's own bitmap is anonymous: only named ones are ours to manage
+            return [b for b in entry.get("dirty-bitmaps", []) if b.get("name")]
     raise InvalidInput(f"no block node {node!r} in this VM")
 
 
@@ -336,7 +350,7 @@ class SyncReplication:
         self.persistent = persistent
         self.mirror_job = f"rpl-m-{node}"
         self.backup_job = f"rpl-b-{node}"
-        self.nbd_nodes = (f"rpl-m-{node}", f"rpl-b-{node}")   # nodes and jobs share names
+        self.nbd_nodes = (f"rpl-n-{node}",)
         self.state = "stopped"
         self.error: str | None = None
         self.links: list[Link] = []
@@ -345,7 +359,9 @@ class SyncReplication:
         self.broken_at: float | None = None
         self.rotation = BitmapRotation(rotation_period(stall_limit_s))
         self._supervisor: asyncio.Task[None] | None = None
-        self._backup_len = 0
+        self._resync: asyncio.Task[None] | None = None
+        self.resync_shipped = 0
+        self.last_resync_pause_s: float | None = None
 
     # --- status ------------------------------------------------------------------------
     async def status(self) -> ReplicationProgress:
@@ -395,25 +411,74 @@ class SyncReplication:
         self._supervise()
 
     async def _incremental(self, uri: str) -> None:
-        """New writes mirrored synchronously first, then the recorded blocks copied."""
+        """Copy the recorded blocks in rounds while the guest runs, then the last few
+        with the guest paused, and start the synchronous mirror before it resumes.
+
+        Why the pause: QEMU 7.2's blockdev-mirror takes no bitmap, and a running mirror
+        blocks any backup job on the same node, so the recorded blocks cannot be copied
+        while a ``sync=none`` mirror carries new writes. Each round ships the bitmap's
+        blocks as of the round's start (``bitmap-mode=on-success``: writes during the
+        round stay recorded, a failed round loses nothing); the final round runs with
+        no guest writes at all, so nothing can slip between it and the mirror."""
         self.state = "resyncing"
         self.in_sync_since = None
-        await self._connect(uri, 2)
-        await self._start_mirror("none")
-        names = [b["name"] for b in await _bitmaps(self.process, self.node)]
-        if RESYNC_BITMAP in names:
-            await _execute(self.process, "block-dirty-bitmap-remove",
-                           {"node": self.node, "name": RESYNC_BITMAP})
-        # the union is taken after the mirror runs: later writes reach the replica anyway
+        await self._connect(uri, 1)
+        a, b = BITMAPS
         await _execute(self.process, "transaction", {"actions": [
-            {"type": "block-dirty-bitmap-add", "data": {
-                "node": self.node, "name": RESYNC_BITMAP, "disabled": True}},
             {"type": "block-dirty-bitmap-merge", "data": {
-                "node": self.node, "target": RESYNC_BITMAP, "bitmaps": list(BITMAPS)}}]})
-        await _execute(self.process, "blockdev-backup", {
-            "job-id": self.backup_job, "device": self.node, "target": self.nbd_nodes[1],
-            "sync": "bitmap", "bitmap": RESYNC_BITMAP, "bitmap-mode": "never",
-            "on-target-error": "report", "on-source-error": "report"})
+                "node": self.node, "target": a, "bitmaps": [b]}},
+            {"type": "block-dirty-bitmap-clear", "data": {"node": self.node, "name": b}}]})
+        self._resync = asyncio.ensure_future(self._resync_rounds())
+
+    async def _recorded_bytes(self) -> int:
+        for bitmap in await _bitmaps(self.process, self.node):
+            if bitmap["name"] == BITMAPS[0]:
+                return int(bitmap.get("count", 0))
+        return 0
+
+    async def _resync_rounds(self) -> None:
+        try:
+            for _ in range(RESYNC_MAX_ROUNDS):
+                if await self._recorded_bytes() <= RESYNC_PAUSED_BYTES:
+                    break
+                await self._backup_round()
+            await self._final_round()
+        except asyncio.CancelledError:
+            raise
+        except ReplicationFailed as exc:
+            await self._break(exc.message)
+        except VmError as exc:
+            await self._break(f"resync failed: {exc.message}")
+
+    async def _backup_round(self) -> None:
+        ended = _job_end(self.process, self.backup_job)
+        try:
+            await _execute(self.process, "blockdev-backup", {
+                "job-id": self.backup_job, "device": self.node,
+                "target": self.nbd_nodes[0], "sync": "bitmap", "bitmap": BITMAPS[0],
+                "bitmap-mode": "on-success", "on-target-error": "report",
+                "on-source-error": "report"})
+            event = await _follow_job(ended, self.links[0], self.stall_limit_s,
+                                      RESYNC_ROUND_TIMEOUT_S)
+        finally:
+            ended.cancel()
+        if event["event"] != "BLOCK_JOB_COMPLETED" or event.get("error"):
+            raise ReplicationFailed(f"resync failed: {event.get('error') or event['event']}")
+        self.resync_shipped += int(event.get("offset", 0))
+
+    async def _final_round(self) -> None:
+        running = (await self.process.query_status()).running
+        if running:
+            await self.process.pause()
+        paused_at = time.monotonic()
+        try:
+            await self._backup_round()
+            await self._start_mirror("none")
+        finally:
+            if running:
+                await self.process.resume()
+            self.last_resync_pause_s = time.monotonic() - paused_at
+        self._now_in_sync(time.monotonic())
         self._supervise()
 
     def _supervise(self) -> None:
@@ -450,19 +515,7 @@ class SyncReplication:
             await self._break(f"the mirror to the replica ended: "
                               f"{(mirror or {}).get('error') or 'target failed'}")
             return
-        if self.state == "resyncing":
-            backup = jobs.get(self.backup_job)
-            if backup is not None:
-                self._backup_len = int(backup.get("len", 0))
-                if backup.get("status") == "concluded":
-                    if backup.get("error"):
-                        await self._break(f"resync failed: {backup['error']}")
-                        return
-                    await _execute(self.process, "job-dismiss", {"id": self.backup_job})
-                    await self._resync_done()
-            else:
-                await self._resync_done()
-        elif mirror.get("ready") and self.state == "initial-sync":
+        if mirror.get("ready") and self.state == "initial-sync":
             self._now_in_sync(now)
         if self.state == "in-sync":
             await self._rotate(now)
@@ -473,15 +526,6 @@ class SyncReplication:
         self.in_sync_since = now
         self.rotation = BitmapRotation(rotation_period(self.stall_limit_s))
         log.info("replication of %s: in sync", self.node)
-
-    async def _resync_done(self) -> None:
-        await _del_node(self.process, self.nbd_nodes[1])
-        try:
-            await _execute(self.process, "block-dirty-bitmap-remove",
-                           {"node": self.node, "name": RESYNC_BITMAP})
-        except QmpError:
-            pass
-        self._now_in_sync(time.monotonic())
 
     async def _rotate(self, now: float) -> None:
         name = self.rotation.due(now, self.in_sync_since)
@@ -521,20 +565,26 @@ class SyncReplication:
         """Replicate again after a break; "incremental" or "full" (what was done)."""
         if self.state not in ("broken",):
             raise InvalidInput(f"resync needs a broken replication, this one is {self.state}")
+        parse_nbd_uri(uri)
+        kind = "incremental" if self.ever_in_sync else "full"
+        try:
+            await (self._incremental(uri) if self.ever_in_sync else self._full(uri))
+        except BaseException as exc:
+            # the replica is still unreachable: stay broken, with the recorded blocks
+            self.state, self.error = "broken", f"resync failed: {_message(exc)}"
+            await self._teardown()
+            raise
         self.error = None
-        if self.ever_in_sync:
-            await self._incremental(uri)
-            return "incremental"
-        await self._full(uri)
-        return "full"
+        return kind
 
     async def stop(self) -> None:
         """End replication: jobs cancelled, links closed, bitmaps removed."""
-        task, self._supervisor = self._supervisor, None
+        tasks = [t for t in (self._supervisor, self._resync) if t is not None]
+        self._supervisor = self._resync = None
         self.state = "stopped"
-        if task is not None:
+        for task in tasks:
             task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         await self._teardown()
         if not self.process.exited and self.process.qmp.connected:
             for bitmap in (*BITMAPS, RESYNC_BITMAP):
@@ -543,6 +593,10 @@ class SyncReplication:
                                    {"node": self.node, "name": bitmap})
                 except QmpError:
                     pass
+
+
+def _message(exc: BaseException) -> str:
+    return getattr(exc, "message", None) or str(exc) or type(exc).__name__
 
 
 async def start_sync(process: QemuProcess, disk_node: str, target_uri: str, *,
@@ -571,9 +625,10 @@ async def start_sync(process: QemuProcess, disk_node: str, target_uri: str, *,
 async def run_async_cycle(process: QemuProcess, disk_node: str, target_uri: str, *,
                           export: str = "disk", tls_dir: Path | None = None,
                           stall_limit_s: float = DEFAULT_STALL_LIMIT_S,
-                          timeout: float = 3600.0) -> CycleReport:
+                          speed: int | None = None, timeout: float = 3600.0
+                          ) -> CycleReport:
     """Ship the blocks changed since the last confirmed cycle (all, the first time) as
-    they were at the start of this call. On failure the changes are kept for the next
+    they were at the start of this call; ``speed`` caps it in bytes/s. On failure the changes are kept for the next
     cycle (``abandon_async_cycle`` is done here) and ReplicationFailed is raised."""
     check_stall_limit(stall_limit_s)
     host, port = parse_nbd_uri(target_uri)
@@ -591,6 +646,8 @@ async def run_async_cycle(process: QemuProcess, disk_node: str, target_uri: str,
             "node": disk_node, "name": new, "persistent": fmt == "qcow2"}}]
         backup: dict[str, Any] = {"job-id": job, "device": disk_node, "target": nbd,
                                   "sync": "full", "on-target-error": "report"}
+        if speed:
+            backup["speed"] = speed
         if current is not None:
             old = f"{ASYNC_PREFIX}{current}"
             actions.append({"type": "block-dirty-bitmap-disable",
@@ -599,7 +656,7 @@ async def run_async_cycle(process: QemuProcess, disk_node: str, target_uri: str,
         actions.append({"type": "blockdev-backup", "data": backup})
         await _execute(process, "transaction", {"actions": actions})
         point = ConsistentPoint(time.monotonic(), time.time())
-        event = await _follow_cycle(process, ended, link, stall_limit_s, timeout)
+        event = await _follow_job(ended, link, stall_limit_s, timeout)
         if event["event"] != "BLOCK_JOB_COMPLETED" or event.get("error"):
             raise ReplicationFailed(f"replication cycle failed: "
                                     f"{event.get('error') or event['event']}")
@@ -618,15 +675,20 @@ async def run_async_cycle(process: QemuProcess, disk_node: str, target_uri: str,
         link.close()
 
 
-async def _follow_cycle(process: QemuProcess, ended: "asyncio.Future[dict[str, Any]]",
-                        link: Link, stall_limit_s: float, timeout: float) -> dict[str, Any]:
+async def _follow_job(ended: "asyncio.Future[dict[str, Any]]", link: Link,
+                      stall_limit_s: float, timeout: float) -> dict[str, Any]:
+    """Wait for a job's end event; ReplicationFailed when the replica stops answering
+    (the link is cut first, so the job's pending writes fail at once)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while not ended.done():
-        if link.stalled_for(time.monotonic()) >= stall_limit_s:
-            raise ReplicationFailed("the replica stopped answering during the cycle")
+        stalled = link.stalled_for(time.monotonic())
+        if stalled >= stall_limit_s:
+            link.shut()
+            raise ReplicationFailed(f"the replica did not answer for {stalled:.1f} s"
+                                    f" (limit {stall_limit_s:g} s)")
         if loop.time() >= deadline:
-            raise ReplicationFailed(f"replication cycle not done after {timeout:g} s")
+            raise ReplicationFailed(f"replication job not done after {timeout:g} s")
         await asyncio.wait({ended}, timeout=POLL_S)
     return ended.result()
 

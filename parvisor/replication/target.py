@@ -71,6 +71,7 @@ class TargetSpec:
     state_dir: Path                 # QMP socket, pidfile, log, cycle overlays
     export_name: str = "disk"
     tls_dir: Path | None = None
+    netns: str | None = None        # run inside this network namespace (tests, lab)
 
     def validate(self) -> None:
         if self.format not in FORMATS:
@@ -85,7 +86,8 @@ class TargetSpec:
 
 def daemon_argv(spec: TargetSpec, qmp_socket: Path, pidfile: Path) -> list[str]:
     """qemu-storage-daemon's command line (pure): image nodes, the NBD server, QMP."""
-    argv = ["qemu-storage-daemon",
+    argv = ["ip", "netns", "exec", spec.netns] if spec.netns else []
+    argv += ["qemu-storage-daemon",
             "--blockdev", _opts({"driver": "file", "node-name": FILE_NODE,
                                  "filename": str(spec.image)}),
             "--blockdev", _opts({"driver": spec.format, "node-name": IMAGE_NODE,

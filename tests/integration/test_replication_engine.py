@@ -9,17 +9,21 @@ namespace and veth pair (prefix ``pvr``).
 
 from __future__ import annotations
 
+import asyncio
+import secrets
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from parvisor.replication.engine import start_sync
+from parvisor.errors import ReplicationFailed
+from parvisor.replication.engine import (confirm_async_cycle, run_async_cycle,
+                                         start_sync)
 from parvisor.replication.target import ReplicaTarget, TargetSpec, create_replica_image
 from parvisor.migration.engine import free_port
 from parvisor.storage.qemu_img import create_image
-from parvisor.testing.guest_fixtures import qemu_available, short_state_dir
+from parvisor.testing.guest_fixtures import qemu_available, short_state_dir, wait_until
 from parvisor.testing.migration_fixtures import QemuSet, sh, tiny_definition
 
 pytestmark = [pytest.mark.qemu, pytest.mark.slow,
@@ -33,6 +37,8 @@ RECORD = 4096
 # the supervisor's poll (0.1 s), QEMU failing the NBD requests and ending the mirror,
 # and TCG/guest scheduling on a loaded 2-core box. Measured: see docs/replication.md.
 STALL_MARGIN_S = 2.0
+STALL_LIMIT_S = 3.0
+CHANGED = 8
 
 
 class Rig:
@@ -114,17 +120,160 @@ async def test_sync_acknowledged_records_are_on_the_replica(rig: Rig) -> None:
     await rep.stop()
 
 
-async def test_unresponsive_replica_stalls_writes_at_most_the_limit(rig: Rig) -> None:
-    target = await rig.target()
-    rep = await start_sync(rig.vm, NODE, await target.export_live(), stall_limit_s=3.0)
-    await rep.wait_in_sync(120)
-    target.freeze()              # SIGSTOP: its kernel still ACKs, nothing answers
+async def timed_write(rig: Rig, record: int, tag: str) -> float:
     started = time.monotonic()
-    await rig.write_records(100, 1, tag="s")
-    stalled = time.monotonic() - started
-    print(f"write with a frozen replica took {stalled:.2f} s (limit 3 s)")
-    assert stalled <= 3.0 + STALL_MARGIN_S
+    await rig.write_records(record, 1, tag=tag)
+    return time.monotonic() - started
+
+
+async def test_frozen_replica_stalls_writes_at_most_the_limit_then_resyncs(rig: Rig) -> None:
+    target = await rig.target()
+    uri = await target.export_live()
+    rep = await start_sync(rig.vm, NODE, uri, stall_limit_s=STALL_LIMIT_S)
+    await rep.wait_in_sync(120)
+    await rig.write_records(0, 20)
+    baseline = await timed_write(rig, 20, "r")   # guest exec + dd + fsync, replicated
+    target.freeze()              # SIGSTOP: its kernel still ACKs, nothing answers
+    stalled = await timed_write(rig, 21, "s")
+    print(f"frozen replica: write took {stalled:.2f} s (unstalled {baseline:.2f} s,"
+          f" limit {STALL_LIMIT_S:g} s); {(await rep.status()).error}")
+    assert stalled <= STALL_LIMIT_S + STALL_MARGIN_S
     assert (await rep.status()).state == "broken"
     assert (await rig.vm.query_status()).running
-    await rig.write_records(101, 5, tag="s")     # the VM carries on alone
+    await rig.write_records(22, 30, tag="s")     # the VM carries on alone
+    target.thaw()
+
+    assert await rep.resync(uri) == "incremental"
+    await rig.write_records(52, 10, tag="t")     # during the resync
+    await rep.wait_in_sync(120)
+    await rig.write_records(62, 10, tag="u")
+    await assert_replica_identical(rig, target, rep)
+
+
+async def assert_replica_identical(rig: Rig, target: ReplicaTarget, rep) -> None:
     await rep.stop()
+    await rig.vm.quit()
+    await rig.vm.wait_exited()
+    await target.stop()
+    assert images_identical(rig.source_img, rig.replica_img)
+
+
+async def cycle_started(rig: Rig) -> bool:
+    jobs = await rig.vm.qmp.execute("query-block-jobs")
+    return any(j["device"].startswith("rpl-a-") and j.get("offset", 0) > 0 for j in jobs)
+
+
+class Netns:
+    """A network namespace joined to the host by a veth pair (10.77.x.1 host side,
+    .2 inside); removed in ``close``."""
+
+    def __init__(self) -> None:
+        tag = secrets.token_hex(3)
+        self.name, self.host_if, self.ns_if = f"pvr{tag}", f"pvr{tag}h", f"pvr{tag}n"
+        net = int(tag[:2], 16)
+        self.host_ip, self.ns_ip = f"10.77.{net}.1", f"10.77.{net}.2"
+
+    def up(self) -> "Netns":
+        for cmd in (f"ip netns add {self.name}",
+                    f"ip link add {self.host_if} type veth peer name {self.ns_if}",
+                    f"ip link set {self.ns_if} netns {self.name}",
+                    f"ip addr add {self.host_ip}/24 dev {self.host_if}",
+                    f"ip link set {self.host_if} up",
+                    f"ip -n {self.name} addr add {self.ns_ip}/24 dev {self.ns_if}",
+                    f"ip -n {self.name} link set {self.ns_if} up",
+                    f"ip -n {self.name} link set lo up"):
+            subprocess.run(cmd.split(), check=True, capture_output=True)
+        return self
+
+    def drop_port(self, port: int) -> None:
+        script = (f"table inet pvrdrop {{\n chain input {{\n"
+                  f"  type filter hook input priority 0;\n  tcp dport {port} drop\n }}\n}}\n")
+        subprocess.run(["ip", "netns", "exec", self.name, "nft", "-f", "-"], input=script,
+                       text=True, check=True, capture_output=True)
+
+    def allow(self) -> None:
+        subprocess.run(["ip", "netns", "exec", self.name, "nft", "delete", "table", "inet",
+                        "pvrdrop"], capture_output=True)
+
+    def close(self) -> None:
+        subprocess.run(["ip", "link", "del", self.host_if], capture_output=True)
+        subprocess.run(["ip", "netns", "del", self.name], capture_output=True)
+
+
+async def test_dropped_link_stalls_writes_at_most_the_limit_then_resyncs(rig: Rig) -> None:
+    ns = Netns().up()
+    try:
+        port = 10809
+        target = await ReplicaTarget.start(TargetSpec(
+            image=rig.replica_img, format="qcow2", listen_host=ns.ns_ip, port=port,
+            state_dir=rig.work / "qsd", netns=ns.name))
+        rig.targets.append(target)
+        uri = await target.export_live()
+        rep = await start_sync(rig.vm, NODE, uri, stall_limit_s=STALL_LIMIT_S)
+        await rep.wait_in_sync(120)
+        baseline = await timed_write(rig, 0, "r")
+        ns.drop_port(port)       # packets to the replica vanish, no RST
+        stalled = await timed_write(rig, 1, "s")
+        print(f"dropped link: write took {stalled:.2f} s (unstalled {baseline:.2f} s,"
+              f" limit {STALL_LIMIT_S:g} s); {(await rep.status()).error}")
+        assert stalled <= STALL_LIMIT_S + STALL_MARGIN_S
+        assert (await rep.status()).state == "broken"
+        await rig.write_records(2, 20, tag="s")
+        with pytest.raises(ReplicationFailed):       # still unreachable: refused fast
+            await rep.resync(uri)
+        ns.allow()
+        assert await rep.resync(uri) == "incremental"
+        await rep.wait_in_sync(120)
+        await rig.write_records(22, 5, tag="t")
+        await assert_replica_identical(rig, target, rep)
+    finally:
+        ns.close()
+
+
+async def test_async_cycles_keep_the_last_consistent_point(rig: Rig) -> None:
+    target = await rig.target()
+    await rig.write_records(0, 10, tag="a")
+    first = await run_async_cycle(rig.vm, NODE, await target.begin_cycle())
+    await target.commit_cycle()
+    await confirm_async_cycle(rig.vm, NODE)
+    assert first.full and first.bytes_shipped == DISK_SIZE
+
+    await rig.write_records(10, 10, tag="b")
+    second = await run_async_cycle(rig.vm, NODE, await target.begin_cycle())
+    await target.commit_cycle()
+    await confirm_async_cycle(rig.vm, NODE)
+    print(f"async: full cycle {first.duration_s:.2f} s, incremental cycle shipped"
+          f" {second.bytes_shipped} bytes in {second.duration_s:.2f} s")
+    assert not second.full and 0 < second.bytes_shipped <= 2 << 20
+    assert second.consistent_at.monotonic > first.consistent_at.monotonic
+
+    await rig.write_records(20, 5, tag="c")      # after the last cycle: not on the replica
+    assert read_records(rig.replica_img, 0, 25) == (
+        [f"a{i:08d}" for i in range(10)] + [f"b{i:08d}" for i in range(10, 20)]
+        + ["\0" * 9] * 5)
+
+    # a cycle that dies mid-way (the replica freezes): the base keeps the last point.
+    # The changes span CHANGED clusters (64 KiB apart), shipped slowly (capped speed).
+    for n in range(CHANGED):
+        await rig.write_records(32 + 16 * n, 1, tag="d")
+    uri = await target.begin_cycle()
+    cycle = asyncio.ensure_future(run_async_cycle(rig.vm, NODE, uri, speed=64 << 10,
+                                                  stall_limit_s=STALL_LIMIT_S))
+    await wait_until(lambda: cycle_started(rig), 30, "the cycle to ship a block")
+    target.freeze()
+    with pytest.raises(ReplicationFailed):
+        await cycle
+    target.thaw()
+    await target.abort_cycle()
+    shipped_before = read_records(rig.replica_img, 0, 32 + 16 * CHANGED)
+    assert shipped_before[:20] == [f"a{i:08d}" for i in range(10)] + [
+        f"b{i:08d}" for i in range(10, 20)]
+    assert not any(r.startswith("d") for r in shipped_before)
+    # the changes of the failed cycle are shipped by the next one
+    await run_async_cycle(rig.vm, NODE, await target.begin_cycle())
+    await target.commit_cycle()
+    await confirm_async_cycle(rig.vm, NODE)
+    await rig.vm.quit()
+    await rig.vm.wait_exited()
+    await target.stop()
+    assert images_identical(rig.source_img, rig.replica_img)
