@@ -67,6 +67,7 @@ from urllib.parse import urlsplit
 
 from parvisor.errors import InvalidInput, QmpError, ReplicationFailed, VmError
 from parvisor.migration.engine import TLS_OBJECT_ID, _tls_object
+from parvisor.storage.qemu_img import create_image
 from parvisor.vm.process import QemuProcess
 
 log = logging.getLogger(__name__)
@@ -303,9 +304,14 @@ async def _bitmaps(process: QemuProcess, node: str) -> list[dict[str, Any]]:
 
 
 async def _node_format(process: QemuProcess, node: str) -> str:
+    return (await _node_info(process, node))[0]
+
+
+async def _node_info(process: QemuProcess, node: str) -> tuple[str, int]:
+    """(driver, virtual size) of a block node."""
     for entry in await _execute(process, "query-named-block-nodes", {"flat": True}):
         if entry.get("node-name") == node:
-            return str(entry.get("drv"))
+            return str(entry.get("drv")), int(entry.get("image", {}).get("virtual-size", 0))
     raise InvalidInput(f"no block node {node!r} in this VM")
 
 
@@ -623,56 +629,101 @@ async def start_sync(process: QemuProcess, disk_node: str, target_uri: str, *,
 
 # --- asynchronous mode ------------------------------------------------------------------
 async def run_async_cycle(process: QemuProcess, disk_node: str, target_uri: str, *,
-                          export: str = "disk", tls_dir: Path | None = None,
+                          spool_dir: Path, export: str = "disk",
+                          tls_dir: Path | None = None,
                           stall_limit_s: float = DEFAULT_STALL_LIMIT_S,
                           speed: int | None = None, timeout: float = 3600.0
                           ) -> CycleReport:
     """Ship the blocks changed since the last confirmed cycle (all, the first time) as
-    they were at the start of this call; ``speed`` caps it in bytes/s. On failure the changes are kept for the next
-    cycle (``abandon_async_cycle`` is done here) and ReplicationFailed is raised."""
+    they were at the start of this call; ``speed`` caps the shipping in bytes/s.
+
+    Two stages, so guest writes never wait for the network: the changed blocks are
+    first copied (point in time) into a local spool image in ``spool_dir``, then only
+    the spool's allocated blocks are shipped. A direct ``blockdev-backup`` into the NBD
+    node would put its copy-before-write filter between the guest and the replica: a
+    guest write to a not yet shipped block would wait for (and, QEMU 7.2's filter being
+    ``break-guest-write``, fail with) a stuck replica. On failure the changes are kept
+    for the next cycle (``abandon_async_cycle`` is done here); ReplicationFailed."""
     check_stall_limit(stall_limit_s)
     host, port = parse_nbd_uri(target_uri)
-    fmt = await _node_format(process, disk_node)
+    fmt, size = await _node_info(process, disk_node)
     generations = await _settle_generations(process, disk_node)
     current = generations[-1] if generations else None
-    link = await Link.open(host, port, stall_limit_s)
-    nbd, job = f"rpl-a-{disk_node}", f"rpl-a-{disk_node}"
+    spool = Path(spool_dir) / f"{disk_node}.spool.qcow2"
+    spool_node, nbd = f"rpl-s-{disk_node}", f"rpl-a-{disk_node}"
+    local_job, ship_job = f"rpl-s-{disk_node}", f"rpl-a-{disk_node}"
     started = time.monotonic()
+    link: Link | None = None
     try:
+        spool.unlink(missing_ok=True)
+        create_image(spool, "qcow2", size)
+        await _execute(process, "blockdev-add", {
+            "driver": "qcow2", "node-name": spool_node,
+            "file": {"driver": "file", "filename": str(spool)}})
+        point = await _spool_changes(process, disk_node, spool_node, local_job, current,
+                                     fmt, timeout)
+        link = await Link.open(host, port, stall_limit_s)
         await _add_nbd_node(process, nbd, link, export, host, tls_dir)
-        ended = _job_end(process, job)
-        new = f"{ASYNC_PREFIX}{(current or 0) + 1}"
-        actions: list[dict[str, Any]] = [{"type": "block-dirty-bitmap-add", "data": {
-            "node": disk_node, "name": new, "persistent": fmt == "qcow2"}}]
-        backup: dict[str, Any] = {"job-id": job, "device": disk_node, "target": nbd,
-                                  "sync": "full", "on-target-error": "report"}
+        ended = _job_end(process, ship_job)
+        ship: dict[str, Any] = {"job-id": ship_job, "device": spool_node, "target": nbd,
+                                "sync": "top", "on-target-error": "report"}
         if speed:
-            backup["speed"] = speed
-        if current is not None:
-            old = f"{ASYNC_PREFIX}{current}"
-            actions.append({"type": "block-dirty-bitmap-disable",
-                            "data": {"node": disk_node, "name": old}})
-            backup.update({"sync": "bitmap", "bitmap": old, "bitmap-mode": "never"})
-        actions.append({"type": "blockdev-backup", "data": backup})
-        await _execute(process, "transaction", {"actions": actions})
-        point = ConsistentPoint(time.monotonic(), time.time())
-        event = await _follow_job(ended, link, stall_limit_s, timeout)
-        if event["event"] != "BLOCK_JOB_COMPLETED" or event.get("error"):
-            raise ReplicationFailed(f"replication cycle failed: "
-                                    f"{event.get('error') or event['event']}")
+            ship["speed"] = speed
+        await _execute(process, "blockdev-backup", ship)
+        event = _job_result(await _follow_job(ended, link, stall_limit_s, timeout))
         return CycleReport(int(event.get("offset", 0)), point, time.monotonic() - started,
                            full=current is None)
     except BaseException:
-        link.shut()
+        if link is not None:
+            link.shut()
         if not process.exited:
-            if job in await _jobs(process):
-                await _cancel_job(process, job)
+            jobs = await _jobs(process)
+            for job in (ship_job, local_job):
+                if job in jobs:
+                    await _cancel_job(process, job)
             await abandon_async_cycle(process, disk_node)
         raise
     finally:
         if not process.exited:
             await _del_node(process, nbd)
-        link.close()
+            await _del_node(process, spool_node)
+        if link is not None:
+            link.close()
+        spool.unlink(missing_ok=True)
+
+
+async def _spool_changes(process: QemuProcess, node: str, spool_node: str, job: str,
+                         current: int | None, fmt: str, timeout: float) -> ConsistentPoint:
+    """Atomically: start the next bitmap generation, freeze the current one, and copy
+    its blocks as of now into the spool (everything on the first cycle)."""
+    new = f"{ASYNC_PREFIX}{(current or 0) + 1}"
+    actions: list[dict[str, Any]] = [{"type": "block-dirty-bitmap-add", "data": {
+        "node": node, "name": new, "persistent": fmt == "qcow2"}}]
+    backup: dict[str, Any] = {"job-id": job, "device": node, "target": spool_node,
+                              "sync": "full"}
+    if current is not None:
+        old = f"{ASYNC_PREFIX}{current}"
+        actions.append({"type": "block-dirty-bitmap-disable",
+                        "data": {"node": node, "name": old}})
+        backup.update({"sync": "bitmap", "bitmap": old, "bitmap-mode": "never"})
+    actions.append({"type": "blockdev-backup", "data": backup})
+    ended = _job_end(process, job)
+    try:
+        await _execute(process, "transaction", {"actions": actions})
+        point = ConsistentPoint(time.monotonic(), time.time())
+        _job_result(await asyncio.wait_for(ended, timeout))
+    except asyncio.TimeoutError as exc:
+        raise ReplicationFailed(f"copying the changes locally took over {timeout:g} s") from exc
+    finally:
+        ended.cancel()
+    return point
+
+
+def _job_result(event: dict[str, Any]) -> dict[str, Any]:
+    if event["event"] != "BLOCK_JOB_COMPLETED" or event.get("error"):
+        raise ReplicationFailed(f"replication cycle failed: "
+                                f"{event.get('error') or event['event']}")
+    return event
 
 
 async def _follow_job(ended: "asyncio.Future[dict[str, Any]]", link: Link,
