@@ -113,9 +113,11 @@ def test_ha_vm_fails_over_when_its_host_loses_power(lab):
     lab.wait(lambda: lab.running_on(vm_uuid) == ["h1"], 30, "ha1 to run on h1")
     lab.wait(lambda: lab.on("h1", "vm", "exec", "ha1", "--", "true", check=False)
              .returncode == 0, 60, "the guest agent of ha1 on h1")
+    canary_started = time.monotonic()
     lab.start_canary("h1", "ha1")
     lab.wait(lambda: lab.canary_log("ha1").count("h1") >= 3, 30, "canary records from h1",
              interval=0.5)
+    canary_s = time.monotonic() - canary_started
     local = _write_local(lab, "h1", "lost-with-h1")
 
     failed_at = time.monotonic()
@@ -129,12 +131,15 @@ def test_ha_vm_fails_over_when_its_host_loses_power(lab):
     lab.wait(lambda: lab.on(new_host, "vm", "exec", "ha1", "--", "true", check=False)
              .returncode == 0, 60, f"the guest of ha1 on {new_host}")
     print(f"failover: QEMU on {new_host} {elapsed:.1f} s after the power loss of h1")
+    canary_started = time.monotonic()
     lab.start_canary(new_host, "ha1")
     lab.wait(lambda: lab.canary_log("ha1").count(new_host) >= 3, 30,
              f"canary records from {new_host}", interval=0.5)
     verdict = lab.canary_log("ha1")
     canary.assert_no_interleaving(verdict)
     assert [host for host, _ in verdict.runs] == ["h1", new_host], verdict.runs
+    canary_s += time.monotonic() - canary_started
+    print(f"canary: {verdict.runs}, {canary_s:.1f} s of this test")
 
     # h1's local storage went with its power: no survivor, no one at all, reads it
     for survivor in ("h2", "h3"):
