@@ -149,8 +149,8 @@ class StallWatch:
     """Is a request to the replica unanswered, and since when (pure; fed TCP_INFO).
 
     A request is out when data was sent after the last data received (NBD answers
-    every request). The start is taken conservatively: the later of the last receive
-    and the previous poll that saw nothing out, so the watch never reports late."""
+    every request). The start is taken conservatively (never late): the previous poll
+    that saw nothing out, or the last reply while requests keep being out."""
 
     since: float | None = None
     last_poll: float | None = None
@@ -164,10 +164,12 @@ class StallWatch:
         if not outstanding:
             self.since = self.recv_at = None
             return 0.0
-        if self.since is None or (self.recv_at is not None and recv_at > self.recv_at + 0.05):
+        if self.since is None:          # nothing was out at the previous poll
             floor = previous_poll if previous_poll is not None else now - sent_ago_s
             self.since = max(recv_at, min(floor, now - sent_ago_s))
-            self.recv_at = recv_at
+        elif self.recv_at is not None and recv_at > self.recv_at + 0.05:
+            self.since = recv_at        # still busy, but it answered: alive until then
+        self.recv_at = recv_at
         return now - self.since
 
 
