@@ -141,8 +141,8 @@ def witness_serve(name: str = typer.Option("witness", "--name", help="Member nam
 
 @host_app.command("drain")
 def drain(name: str, as_json: bool = JsonOpt) -> None:
-    """Maintenance: no new VMs on NAME; its VMs are SHUT DOWN and started on other hosts
-    (no live migration yet)."""
+    """Maintenance: no new VMs on NAME; its running VMs live-migrate to other hosts
+    (quick migration if that fails, then shut down and started elsewhere)."""
     emit(client().post(f"/cluster/hosts/{name}/drain"), as_json,
          lambda d: out.print(f"{name}: draining: {d['note']}"))
 
