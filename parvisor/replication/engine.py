@@ -6,10 +6,11 @@ Synchronous mode (RPO 0)::
 
     rep = await start_sync(process, "fmt-vdb", target.nbd_uri, export="disk",
                            tls_dir=tls, stall_limit_s=5.0)
-    rep.status()                        # ReplicationProgress: initial-sync -> in-sync
+    await rep.status()                  # ReplicationProgress: initial-sync -> in-sync
     await rep.wait_in_sync(timeout)
-    # the replica stops answering: within stall_limit_s the link is cut, the VM carries
-    # on alone, rep.status().state == "broken" (guest writes are recorded in bitmaps)
+    # the replica stops answering: after stall_limit_s the engine awaits
+    # before_release(reason) (the protocol commits "broken"), then cuts the link; the
+    # VM carries on alone, state "broken" (guest writes are recorded in bitmaps)
     await rep.resync(target.nbd_uri)    # incremental when possible, else a full copy
     await rep.stop()                    # no replication any more (bitmaps removed)
 
@@ -30,27 +31,40 @@ error, and the guest's blocked writes complete from the source alone.
 
 While replicating, two persistent dirty bitmaps (``repl-a``/``repl-b``) record guest
 writes. Only while the mirror is in sync, one of them is cleared every ``rotation_s``
-(> stall limit): at any break their union covers every write not on the replica (a
-write in flight at the break started less than a stall limit ago). Resync then: a
-``sync=none`` write-blocking mirror first (new writes go to the replica synchronously),
-then ``blockdev-backup sync=bitmap`` of the union over a second connection. The backup's
-copy-before-write filter sits *below* the mirror's filter, so for a block that is both
-copied and written, the old copy reaches the replica before the guest write proceeds,
-and the mirror's copy of the new data after it: an old block never overwrites a newer
-one. If the mirror never reached in-sync, the resync is a full copy.
+(> 4 stall limits): at any break their union covers every write not on the replica (a
+write in flight at the break started less than a stall limit ago). If the mirror never
+reached in-sync, the resync is a full copy (a new ``sync=full`` mirror).
+
+Incremental resync: QEMU 7.2's ``blockdev-mirror`` takes no bitmap, and a running
+mirror blocks every backup job on its node ("in use by block job: mirror"), so the recorded blocks
+cannot be copied while a ``sync=none`` mirror already carries new writes. Instead: the
+union goes into ``repl-a``; rounds of ``blockdev-backup sync=bitmap`` with
+``bitmap-mode=on-success`` (each ships the blocks as of its start; writes during it
+stay recorded; a failed round loses nothing) until at most ``RESYNC_PAUSED_BYTES`` are
+left (or ``RESYNC_MAX_ROUNDS``); then the guest is paused (if it ran), the last round
+ships the rest, the ``sync=none`` write-blocking mirror starts and the guest resumes.
+No write can fall between the last round and the mirror, and no old block can reach
+the replica after a newer one (each round's copy of a block precedes the next round's).
+``rep.last_resync_pause_s`` is that pause, ``rep.resync_shipped`` the bytes sent.
 
 Asynchronous mode, one cycle (the replica's image is the last complete cycle)::
 
     uri = await target.begin_cycle()                  # replica: a fresh overlay
-    report = await run_async_cycle(process, "fmt-vdb", uri, export="disk")
+    report = await run_async_cycle(process, "fmt-vdb", uri, spool_dir=d, export="disk")
     await target.commit_cycle()                       # replica: overlay -> image
     await confirm_async_cycle(process, "fmt-vdb")     # primary: forget shipped blocks
-    # on any failure: await target.abort_cycle(); await abandon_async_cycle(process, node)
+    # on any failure: await target.abort_cycle()  (run_async_cycle already kept the
+    # changes for the next cycle; abandon_async_cycle does it for a failed commit)
+    await stop_async(process, "fmt-vdb")              # the end: bitmaps dropped
 
 Persistent bitmaps ``repl-async-<n>``: a cycle atomically (``transaction``) starts
-bitmap n+1, freezes bitmap n and starts a point-in-time backup of n's blocks; bitmap n
-is deleted only after the replica committed (``confirm``), otherwise merged into n+1
-(``abandon``): a failed cycle loses no change. The first cycle ships everything.
+bitmap n+1, freezes bitmap n and copies n's blocks as of that instant into a local
+spool image (``spool_dir``); only then is the spool's content (``sync=top``) shipped.
+Guest writes therefore never wait for the network (a direct backup into the NBD node
+would put its copy-before-write filter between the guest and a possibly stuck
+replica). Bitmap n is deleted only once the replica committed (``confirm``), otherwise
+merged into n+1 (``abandon``, also done at the next cycle's start): no change is lost.
+The first cycle ships everything.
 """
 
 from __future__ import annotations
@@ -62,7 +76,7 @@ import struct
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Awaitable, Callable
 from urllib.parse import urlsplit
 
 from parvisor.errors import InvalidInput, QmpError, ReplicationFailed, VmError
@@ -85,6 +99,7 @@ TCP_USER_TIMEOUT = getattr(socket, "TCP_USER_TIMEOUT", 18)
 # struct tcp_info (linux/tcp.h): 8 bytes of u8 fields, then u32s; the two we need:
 TCPI_LAST_DATA_SENT, TCPI_LAST_DATA_RECV = 44, 52
 
+ReleaseHook = Callable[[str], Awaitable[bool]]
 STATES = ("initial-sync", "in-sync", "resyncing", "broken", "stopped")
 
 
@@ -349,8 +364,10 @@ class SyncReplication:
     """One disk of one VM replicated synchronously. Create with ``start_sync``."""
 
     def __init__(self, process: QemuProcess, node: str, export: str, tls_dir: Path | None,
-                 stall_limit_s: float, persistent: bool) -> None:
+                 stall_limit_s: float, persistent: bool,
+                 before_release: ReleaseHook | None = None) -> None:
         self.process = process
+        self.before_release = before_release
         self.node = node
         self.export = export
         self.tls_dir = tls_dir
@@ -511,8 +528,10 @@ class SyncReplication:
         for link in self.links:
             stalled = link.stalled_for(now)
             if stalled >= self.stall_limit_s:
-                await self._break(f"the replica did not answer for {stalled:.1f} s"
-                                  f" (limit {self.stall_limit_s:g} s)")
+                reason = (f"the replica did not answer for {stalled:.1f} s"
+                          f" (limit {self.stall_limit_s:g} s)")
+                if await self._may_release(reason):
+                    await self._break(reason)
                 return
         if self.process.exited:
             await self._break("the VM's QEMU exited")
@@ -527,6 +546,19 @@ class SyncReplication:
             self._now_in_sync(now)
         if self.state == "in-sync":
             await self._rotate(now)
+
+    async def _may_release(self, reason: str) -> bool:
+        """Ask the caller (``before_release``: commit ``broken`` first) whether the
+        stalled guest writes may go on without the replica; until it says so they stay
+        stalled (asked again at the next poll)."""
+        if self.before_release is None:
+            return True
+        try:
+            return bool(await self.before_release(reason))
+        except Exception:
+            log.exception("replication of %s: before_release failed; writes stay stalled",
+                          self.node)
+            return False
 
     def _now_in_sync(self, now: float) -> None:
         self.state = "in-sync"
@@ -609,16 +641,21 @@ def _message(exc: BaseException) -> str:
 
 async def start_sync(process: QemuProcess, disk_node: str, target_uri: str, *,
                      export: str = "disk", tls_dir: Path | None = None,
-                     stall_limit_s: float = DEFAULT_STALL_LIMIT_S) -> SyncReplication:
+                     stall_limit_s: float = DEFAULT_STALL_LIMIT_S,
+                     before_release: ReleaseHook | None = None) -> SyncReplication:
     """Start synchronous replication of ``disk_node`` (a format node, e.g. ``fmt-vdb``)
-    into the replica's NBD export; returns at once (initial sync in the background)."""
+    into the replica's NBD export; returns at once (initial sync in the background).
+
+    ``before_release(reason)`` is awaited when the replica stalls, before the guest's
+    writes are let go without it: the protocol commits ``broken`` there and returns
+    True (False or an exception: the writes stay stalled, asked again every poll)."""
     stall_limit_s = check_stall_limit(stall_limit_s)
     parse_nbd_uri(target_uri)
     fmt = await _node_format(process, disk_node)
     if (await _jobs(process)).get(f"rpl-m-{disk_node}"):
         raise InvalidInput(f"{disk_node} is already being replicated")
     rep = SyncReplication(process, disk_node, export, tls_dir, stall_limit_s,
-                          persistent=(fmt == "qcow2"))
+                          persistent=(fmt == "qcow2"), before_release=before_release)
     await rep._ensure_bitmaps()
     try:
         await rep._full(target_uri)

@@ -130,7 +130,14 @@ async def timed_write(rig: Rig, record: int, tag: str) -> float:
 async def test_frozen_replica_stalls_writes_at_most_the_limit_then_resyncs(rig: Rig) -> None:
     target = await rig.target()
     uri = await target.export_live()
-    rep = await start_sync(rig.vm, NODE, uri, stall_limit_s=STALL_LIMIT_S)
+    released: list[str] = []
+
+    async def commit_broken(reason: str) -> bool:     # the protocol's MARK_BROKEN
+        released.append(reason)
+        return len(released) >= 2      # the first commit "fails": writes stay stalled
+
+    rep = await start_sync(rig.vm, NODE, uri, stall_limit_s=STALL_LIMIT_S,
+                           before_release=commit_broken)
     await rep.wait_in_sync(120)
     await rig.write_records(0, 20)
     baseline = await timed_write(rig, 20, "r")   # guest exec + dd + fsync, replicated
@@ -140,6 +147,7 @@ async def test_frozen_replica_stalls_writes_at_most_the_limit_then_resyncs(rig: 
           f" limit {STALL_LIMIT_S:g} s); {(await rep.status()).error}")
     assert stalled <= STALL_LIMIT_S + STALL_MARGIN_S
     assert (await rep.status()).state == "broken"
+    assert len(released) == 2 and "did not answer" in released[0]
     assert (await rig.vm.query_status()).running
     await rig.write_records(22, 30, tag="s")     # the VM carries on alone
     target.thaw()
@@ -147,6 +155,8 @@ async def test_frozen_replica_stalls_writes_at_most_the_limit_then_resyncs(rig: 
     assert await rep.resync(uri) == "incremental"
     await rig.write_records(52, 10, tag="t")     # during the resync
     await rep.wait_in_sync(120)
+    print(f"resync: {rep.resync_shipped} bytes shipped, guest paused"
+          f" {rep.last_resync_pause_s:.3f} s for the last round")
     await rig.write_records(62, 10, tag="u")
     await assert_replica_identical(rig, target, rep)
 
