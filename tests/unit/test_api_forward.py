@@ -325,3 +325,43 @@ def test_console_of_a_vm_on_a_down_host_is_refused(cluster):
             pass
     with pytest.raises(InvalidStatus):
         asyncio.run(talk())
+
+
+# --- where the forwarder sits in the real API app -----------------------------------------
+class RecordingForwarder:
+    """Records what it was asked and serves everything here."""
+
+    def __init__(self) -> None:
+        self.asked: list = []
+
+    async def decide(self, route):
+        self.asked.append(route)
+        return Local()
+
+
+def test_auth_is_checked_before_anything_is_forwarded(tmp_path):
+    from fastapi.testclient import TestClient
+    from starlette.websockets import WebSocketDisconnect
+
+    from parvisor.api.app import create_app
+    from parvisor.config import load_config
+    from parvisor.service import HostService
+    service = HostService(load_config(tmp_path / "s"))
+    try:
+        service.forwarder = RecordingForwarder()
+        client = TestClient(create_app(service, tokens=("s3cret",)))
+        assert client.post("/v1/vms/web/pause",
+                           headers={"Authorization": "Bearer wrong"}).status_code == 401
+        with pytest.raises(WebSocketDisconnect):
+            with client.websocket_connect("/v1/vms/web/console") as ws:
+                ws.receive_bytes()
+        assert service.forwarder.asked == []
+        answer = client.post("/v1/vms/web/pause", headers={"Authorization": "Bearer s3cret"})
+        assert answer.status_code == 404          # served here: no such VM
+        assert service.forwarder.asked == [VmRoute("web")]
+        # the web console's listener: no session, no forwarding
+        console = TestClient(create_app(service, console=True))
+        assert console.post("/v1/vms/web/pause").status_code == 401
+        assert service.forwarder.asked == [VmRoute("web")]
+    finally:
+        service.store.close()
