@@ -17,7 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from parvisor.cluster.certs import make_ca
 from parvisor.errors import ReplicationFailed
+from parvisor.migration.tls import write_tls_dir
 from parvisor.replication.engine import (confirm_async_cycle, run_async_cycle,
                                          start_sync)
 from parvisor.replication.target import ReplicaTarget, TargetSpec, create_replica_image
@@ -108,13 +110,21 @@ async def rig(tiny_image, qemus: QemuSet):
         await rig.close()
 
 
-async def test_sync_acknowledged_records_are_on_the_replica(rig: Rig) -> None:
-    target = await rig.target()
+async def test_sync_over_tls_acknowledged_records_are_on_the_replica(rig: Rig) -> None:
+    ca = make_ca(rig.work / "ca", "test")
+    tls = write_tls_dir(rig.work / "tls", ca, hosts=(HOST,))
+    target = await ReplicaTarget.start(TargetSpec(
+        image=rig.replica_img, format="qcow2", listen_host=HOST, port=free_port(HOST),
+        state_dir=rig.work / "qsd", tls_dir=tls))
+    rig.targets.append(target)
     uri = await target.export_live()
-    rep = await start_sync(rig.vm, NODE, uri)
+    with pytest.raises(ReplicationFailed):       # no certificate, no replica
+        await start_sync(rig.vm, NODE, uri)
+    rep = await start_sync(rig.vm, NODE, uri, tls_dir=tls)
     await rep.wait_in_sync(120)
     progress = await rep.status()
     assert progress.state == "in-sync" and progress.bytes_behind == 0
+    assert progress.bytes_total >= DISK_SIZE
     await rig.write_records(0, 50)
     await target.stop()          # nothing more can reach it; read what it has
     assert read_records(rig.replica_img, 0, 50) == [f"r{i:08d}" for i in range(50)]
