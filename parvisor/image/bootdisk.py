@@ -5,22 +5,35 @@ Layout (GPT, 512-byte sectors)::
     LBA 0          protective MBR whose first 440 bytes are GRUB's boot.img
     LBA 1-33       GPT header and entries (sfdisk)
     LBA 2048-4095  BIOS boot partition: GRUB's i386-pc core.img
-    LBA 4096-...   EFI system partition (FAT32): /EFI/BOOT/BOOTX64.EFI (GRUB x86_64-efi),
-                   /vmlinuz, /initrd.img
+    LBA 4096-...   EFI system partition (FAT32): /vmlinuz, /initrd.img and the UEFI
+                   boot chain (below)
 
-Both GRUB images carry the same small embedded config: find the ESP by its fixed FAT
-volume id, load the kernel and initramfs from it with the tiny image's command line,
-boot. No ``normal`` module, no menu, no timeout.
+UEFI boot chain, secure-boot capable (``SignedLoaders`` given, what ``tiny.py`` does):
+
+    /EFI/BOOT/BOOTX64.EFI    shim (shim-signed: signed by Microsoft's UEFI CA, which the
+                             OVMF_VARS_4M.ms.fd template enrolls; carries Debian's CA)
+    /EFI/BOOT/grubx64.efi    Debian's signed monolithic GRUB (grub-efi-amd64-signed),
+                             which shim loads from its own directory and verifies
+    /EFI/debian/grub.cfg     where that GRUB looks (its built-in prefix is /EFI/debian)
+
+GRUB then verifies the kernel through shim: Debian's kernels are signed by Debian's CA
+(``has_authenticode_signature`` checks one is there). Without secure boot, shim simply
+chain-loads GRUB. There is no fbx64.efi next to shim on purpose: shim would run it to
+write boot entries and reset the VM. Without ``SignedLoaders`` the ESP holds an unsigned
+GRUB x86_64-efi as BOOTX64.EFI instead (boots without secure boot only; a secure-boot
+OVMF refuses it with "Access Denied").
+
+Every GRUB carries the same small config: find the ESP by its fixed FAT volume id, load
+the kernel and initramfs from it with the tiny image's command line, boot. No menu, no
+timeout.
 
 It is built without loop devices, mounts or root-only tools: ``mkfs.fat`` + ``mtools``
 write the FAT image as a file, ``sfdisk`` writes the partition table into a file, and
 the two GRUB boot-sector patches that ``grub-bios-setup`` would do are done here (they
 are two little-endian integers, see ``patch_boot_sector`` / ``patch_core_image``). The
 result is converted to qcow2. Debian packages: grub-pc-bin, grub-efi-amd64-bin,
-dosfstools, mtools, fdisk.
-
-Not for secure boot: this GRUB is unsigned, so a secure-boot VM's OVMF refuses it.
-This module never touches the tiny image's cache or manifest (that is ``tiny.py``).
+dosfstools, mtools, fdisk (the signed loaders are unpacked from their .debs by the
+caller). This module never touches the tiny image's cache or manifest (that is ``tiny.py``).
 """
 
 from __future__ import annotations
@@ -30,6 +43,7 @@ import re
 import shutil
 import struct
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 from parvisor.errors import ImageError
@@ -59,6 +73,11 @@ BOOT_DRIVE_CHECK = 0x66           # 2-byte jmp; NOPs = trust the BIOS's boot dri
 BOOT_CODE_END = 0x1B8             # after this: disk signature + partition table (keep)
 CORE_BLOCKLIST_START = 0x1F4      # u64 in diskboot.img: LBA of the rest of core.img
 
+PE_SIGNATURE_OFFSET = 0x3C       # u32: file offset of the "PE\0\0" header
+PE32_PLUS_MAGIC = 0x20B
+CERTIFICATE_TABLE = 4             # data directory index of the Authenticode signatures
+SIGNED_GRUB_CONFIG = "::/EFI/debian/grub.cfg"
+
 _SAFE_CMDLINE = re.compile(r"^[A-Za-z0-9 ._,:=/+-]*$")
 
 
@@ -72,6 +91,34 @@ def grub_config(cmdline: str) -> str:
             f"linux /vmlinuz {cmdline}\n"
             "initrd /initrd.img\n"
             "boot\n")
+
+
+@dataclass(frozen=True)
+class SignedLoaders:
+    """Signed UEFI binaries for a secure-boot capable ESP (unpacked from Debian's .debs)."""
+
+    shim: Path      # shimx64.efi.signed
+    grub: Path      # grubx64.efi.signed
+
+
+def has_authenticode_signature(pe_image: bytes) -> bool:
+    """True when a PE/COFF image (EFI binary, bzImage) carries a signature block.
+
+    Only presence is checked (the certificate table of the PE optional header is
+    non-empty): UEFI firmware and shim do the real verification. It lets a build refuse
+    an unsigned kernel up front instead of a secure-boot VM failing to boot later.
+    """
+    try:
+        pe = struct.unpack_from("<I", pe_image, PE_SIGNATURE_OFFSET)[0]
+        if pe_image[pe:pe + 4] != b"PE\0\0":
+            return False
+        optional = pe + 24
+        magic = struct.unpack_from("<H", pe_image, optional)[0]
+        directories = optional + (112 if magic == PE32_PLUS_MAGIC else 96)
+        offset, size = struct.unpack_from("<II", pe_image, directories + 8 * CERTIFICATE_TABLE)
+    except struct.error:
+        return False
+    return size > 8 and offset + size <= len(pe_image)
 
 
 def esp_size_mib(payload_bytes: int) -> int:
@@ -140,16 +187,26 @@ def _grub_images(config: Path, work: Path) -> tuple[Path, Path]:
     return core, efi
 
 
-def _esp_image(kernel: Path, initrd: Path, efi: Path, work: Path) -> Path:
+def esp_files(kernel: Path, initrd: Path, unsigned_efi: Path, config: Path,
+              signed: SignedLoaders | None) -> list[tuple[Path, str]]:
+    """(source, path on the ESP) of every file the ESP holds."""
+    files = [(kernel, "::/vmlinuz"), (initrd, "::/initrd.img")]
+    if signed is None:
+        return [(unsigned_efi, "::/EFI/BOOT/BOOTX64.EFI"), *files]
+    return [(signed.shim, "::/EFI/BOOT/BOOTX64.EFI"), (signed.grub, "::/EFI/BOOT/grubx64.efi"),
+            (config, SIGNED_GRUB_CONFIG), *files]
+
+
+def _esp_image(files: list[tuple[Path, str]], work: Path) -> Path:
     esp = work / "esp.img"
-    size_mib = esp_size_mib(sum(p.stat().st_size for p in (kernel, initrd, efi)))
+    size_mib = esp_size_mib(sum(source.stat().st_size for source, _ in files))
     _run(["mkfs.fat", "-C", "-F", "32", "-i", ESP_VOLUME_ID.replace("-", ""),
           "-n", ESP_LABEL, str(esp), str(size_mib * 1024)], "mkfs.fat (ESP)")
     image = f"-i{esp}"
-    _run(["mmd", image, "::/EFI", "::/EFI/BOOT"], "mmd (ESP)")
+    directories = sorted({target.rsplit("/", 1)[0] for _, target in files} - {"::"})
+    _run(["mmd", image, "::/EFI", *[d for d in directories if d != "::/EFI"]], "mmd (ESP)")
     # -m keeps the source mtimes, -Q stops at the first error.
-    for source, target in ((efi, "::/EFI/BOOT/BOOTX64.EFI"), (kernel, "::/vmlinuz"),
-                           (initrd, "::/initrd.img")):
+    for source, target in files:
         _run(["mcopy", "-m", "-Q", image, str(source), target], f"mcopy {source.name}")
     return esp
 
@@ -170,18 +227,24 @@ def _write_disk(raw: Path, esp: Path, core: Path) -> None:
             shutil.copyfileobj(src, f, 1 << 20)
 
 
-def build_boot_disk(kernel: Path, initrd: Path, cmdline: str, out_dir: Path) -> Path:
-    """Write ``out_dir/disk.qcow2``: the kernel + initramfs, bootable by SeaBIOS and OVMF."""
-    work = out_dir / ".bootdisk-work"
+def build_boot_disk(kernel: Path, initrd: Path, cmdline: str, out_dir: Path, *,
+                    signed: SignedLoaders | None = None, name: str = DISK_FILE) -> Path:
+    """Write ``out_dir/<name>``: the kernel + initramfs, bootable by SeaBIOS and OVMF,
+    and with ``signed`` loaders by OVMF with secure boot too (the kernel must be signed).
+    """
+    if signed is not None and not has_authenticode_signature(kernel.read_bytes()):
+        raise ImageError(f"{kernel.name} carries no signature: a secure-boot GRUB would "
+                         "refuse it (use a kernel from Debian's signed packages)")
+    work = out_dir / f".bootdisk-work-{name}"
     work.mkdir()
     try:
         config = work / "grub.cfg"
         config.write_text(grub_config(cmdline))
         core, efi = _grub_images(config, work)
-        esp = _esp_image(kernel, initrd, efi, work)
+        esp = _esp_image(esp_files(kernel, initrd, efi, config, signed), work)
         raw = work / "disk.raw"
         _write_disk(raw, esp, core)
-        target = out_dir / DISK_FILE
+        target = out_dir / name
         _run(["qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", str(raw),
               str(target)], "qemu-img convert (boot disk)")
         return target

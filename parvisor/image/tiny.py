@@ -9,11 +9,19 @@ and nothing hand-compiled:
   resolved from ``modules.dep``;
 * ``busybox-static``: the whole userspace (shell, mount, insmod, ip, udhcpc, ...);
 * ``qemu-guest-agent``: ``qemu-ga`` plus the host's copies of its shared libraries and
-  the dynamic loader (the host runs the same Debian release).
+  the dynamic loader (the host runs the same Debian release);
+* ``shim-signed`` and ``grub-efi-amd64-signed``: the signed UEFI loaders of the boot disk.
 
 ``parvisor/image/guest/`` holds the guest-side scripts (``/init`` and friends).
-``disk.qcow2`` is the same kernel + initramfs on a GPT disk that boots under SeaBIOS
-and OVMF (``parvisor.image.bootdisk``), the base of ``vm create --image tiny --boot disk``.
+``disk.qcow2`` is the same kernel + initramfs on a GPT disk that boots under SeaBIOS,
+OVMF and OVMF with secure boot (``parvisor.image.bootdisk``: shim -> signed GRUB ->
+the kernel, which Debian signs), the base of ``vm create --image tiny --boot disk``.
+
+A second flavour, ``generic`` (``build_tiny_image(..., kernel="generic")``, in
+``<state_dir>/images/tiny-generic/``), is the same guest on Debian's generic kernel
+(``linux-image-amd64``), whose initramfs also loads the e1000 driver: the cloud kernel
+has none, so e1000 NICs (bench/network.py, the slow e1000 test) need this one. It has
+no boot disk.
 
 The result is cached in ``<state_dir>/images/tiny/`` next to a ``manifest.json``; the
 downloaded ``.deb`` files are kept in ``<state_dir>/images/cache/`` (or
@@ -42,10 +50,15 @@ from typing import Callable, Iterable
 from parvisor.errors import ImageError
 from parvisor.image import bootdisk
 
-FORMAT_VERSION = 2             # 2: + disk.qcow2, CD-ROM/ISO 9660 modules
+FORMAT_VERSION = 3             # 2: + disk.qcow2, CD-ROM/ISO 9660 modules; 3: shim ESP
 KERNEL_METAPACKAGE = "linux-image-cloud-amd64"
+GENERIC_KERNEL_METAPACKAGE = "linux-image-amd64"
 BUSYBOX_PACKAGE = "busybox-static"
 QGA_PACKAGE = "qemu-guest-agent"
+SHIM_PACKAGE = "shim-signed"
+SIGNED_GRUB_PACKAGE = "grub-efi-amd64-signed"
+SIGNED_SHIM_FILE = "usr/lib/shim/shimx64.efi.signed"
+SIGNED_GRUB_FILE = "usr/lib/grub/x86_64-efi-signed/grubx64.efi.signed"
 # quiet: fewer kernel lines on a slow (TCG) serial console; panic=-1: reboot at once
 # instead of hanging; memhp_default_state=online: hot-added memory is usable at once.
 CMDLINE = "console=ttyS0 panic=-1 memhp_default_state=online quiet"
@@ -57,6 +70,8 @@ WANTED_MODULES = ("virtio_pci", "virtio_net", "virtio_blk", "virtio_scsi", "sd_m
                   "virtio_console", "virtio_balloon", "virtio_mem", "evdev", "sr_mod",
                   "isofs")
 MODULE_SUFFIXES = (".ko.xz", ".ko.zst", ".ko.gz", ".ko")
+# e1000: Intel's emulated NIC (QEMU's legacy adapter); only the generic kernel has it.
+GENERIC_EXTRA_MODULES = ("e1000",)
 IMAGE_FILES = ("vmlinuz", "initrd.img")
 DISK_FILE = bootdisk.DISK_FILE     # optional in a manifest: older/fake builds lack it
 CACHE_ENV = "PARVISOR_IMAGE_CACHE"
@@ -75,6 +90,32 @@ Progress = Callable[[float, str], None]
 
 
 @dataclass(frozen=True)
+class Flavour:
+    """Which Debian kernel a tiny image runs, and what comes with it."""
+
+    name: str
+    kernel_metapackage: str
+    extra_modules: tuple[str, ...]
+    directory: str            # under <state_dir>/images
+    boot_disk: bool           # also write disk.qcow2 (with the signed UEFI loaders)
+
+
+FLAVOURS = {
+    "cloud": Flavour("cloud", KERNEL_METAPACKAGE, (), "tiny", True),
+    "generic": Flavour("generic", GENERIC_KERNEL_METAPACKAGE, GENERIC_EXTRA_MODULES,
+                       "tiny-generic", False),
+}
+
+
+def flavour(kernel: str) -> Flavour:
+    try:
+        return FLAVOURS[kernel]
+    except KeyError:
+        raise ImageError(f"unknown tiny image kernel {kernel!r} (one of: "
+                         f"{', '.join(FLAVOURS)})") from None
+
+
+@dataclass(frozen=True)
 class TinyImage:
     kernel: Path          # <state_dir>/images/tiny/vmlinuz
     initrd: Path          # <state_dir>/images/tiny/initrd.img
@@ -83,8 +124,8 @@ class TinyImage:
     disk: Path | None = None  # disk.qcow2: the same guest on a GPT disk (BIOS + UEFI GRUB)
 
 
-def tiny_image_dir(state_dir: Path) -> Path:
-    return Path(state_dir) / "images" / "tiny"
+def tiny_image_dir(state_dir: Path, kernel: str = "cloud") -> Path:
+    return Path(state_dir) / "images" / flavour(kernel).directory
 
 
 def deb_cache_dir(state_dir: Path) -> Path:
@@ -95,9 +136,9 @@ def deb_cache_dir(state_dir: Path) -> Path:
 
 # --- loading a built image ------------------------------------------------------------
 
-def load_tiny_image(state_dir: Path) -> TinyImage | None:
+def load_tiny_image(state_dir: Path, kernel: str = "cloud") -> TinyImage | None:
     """The cached image, or None when it is missing, incomplete, corrupt or stale."""
-    directory = tiny_image_dir(state_dir)
+    directory = tiny_image_dir(state_dir, kernel)
     try:
         manifest = json.loads((directory / "manifest.json").read_text())
         if not _manifest_is_current(manifest, directory):
@@ -418,6 +459,20 @@ class Unpacked:
     busybox_root: Path
     qga_root: Path
     release: str
+    extra_modules: tuple[str, ...] = ()        # the flavour's, on top of WANTED_MODULES
+    shim_root: Path | None = None              # unpacked shim-signed (boot disk only)
+    grub_root: Path | None = None              # unpacked grub-efi-amd64-signed
+
+    def signed_loaders(self) -> bootdisk.SignedLoaders:
+        if self.shim_root is None or self.grub_root is None:
+            raise ImageError("the signed UEFI loaders were not unpacked")
+        loaders = bootdisk.SignedLoaders(shim=self.shim_root / SIGNED_SHIM_FILE,
+                                         grub=self.grub_root / SIGNED_GRUB_FILE)
+        for path, package in ((loaders.shim, SHIM_PACKAGE), (loaders.grub,
+                                                             SIGNED_GRUB_PACKAGE)):
+            if not path.is_file():
+                raise ImageError(f"package {package} has no {path.name}")
+        return loaders
 
 
 def add_base_system(tree: CpioTree, busybox: Path) -> None:
@@ -453,8 +508,9 @@ def add_modules(tree: CpioTree, unpacked: Unpacked) -> list[str]:
     mod_dir = unpacked.kernel_root / "lib/modules" / unpacked.release
     dep = ensure_modules_dep(unpacked.kernel_root, unpacked.release,
                              unpacked.busybox_root / "bin/busybox")
-    order = resolve_module_order(parse_modules_dep(dep.read_text()),
-                                 wanted_modules(unpacked.kernel_root, unpacked.release))
+    wanted = wanted_modules(unpacked.kernel_root, unpacked.release) + list(
+        unpacked.extra_modules)
+    order = resolve_module_order(parse_modules_dep(dep.read_text()), wanted)
     in_guest = [uncompressed_module_path(p) for p in order]
     for src, dst in zip(order, in_guest):
         tree.add_file(f"lib/modules/{unpacked.release}/{dst}", read_module(mod_dir / src))
@@ -469,15 +525,25 @@ def _report(progress: Progress | None, fraction: float, message: str) -> None:
         progress(fraction, message)
 
 
-def fetch_packages(cache_dir: Path, progress: Progress | None) -> dict[str, Path]:
-    """{role: .deb path} for the kernel, busybox and the guest agent."""
-    names = {"kernel": resolve_kernel_package(), "busybox": BUSYBOX_PACKAGE,
-             "qga": QGA_PACKAGE}
+def package_names(kind: Flavour) -> dict[str, str]:
+    """{role: package name}: kernel, busybox, guest agent, and the signed UEFI loaders
+    when the flavour has a boot disk."""
+    names = {"kernel": resolve_kernel_package(kind.kernel_metapackage),
+             "busybox": BUSYBOX_PACKAGE, "qga": QGA_PACKAGE}
+    if kind.boot_disk:
+        names.update(shim=SHIM_PACKAGE, grub=SIGNED_GRUB_PACKAGE)
+    return names
+
+
+def fetch_packages(cache_dir: Path, progress: Progress | None,
+                   kind: Flavour = FLAVOURS["cloud"]) -> dict[str, Path]:
+    """{role: .deb path} for every package the flavour's image is made of."""
+    names = package_names(kind)
     debs: dict[str, Path] = {}
     for i, (role, name) in enumerate(names.items()):
         package = candidate_package(name)
         cached = (cache_dir / package.deb_name).is_file()
-        _report(progress, 0.05 + 0.15 * i,
+        _report(progress, 0.05 + 0.45 * i / len(names),
                 f"{'using cached' if cached else 'downloading'} {name} {package.version}")
         debs[role] = fetch_deb(package, cache_dir)
     return debs
@@ -489,10 +555,13 @@ def deb_version(deb: Path) -> tuple[str, str]:
     return fields["Package"], fields["Version"]
 
 
-def unpack_all(debs: dict[str, Path], work: Path) -> Unpacked:
+def unpack_all(debs: dict[str, Path], work: Path,
+               extra_modules: tuple[str, ...] = ()) -> Unpacked:
     roots = {role: unpack_deb(deb, work / role) for role, deb in debs.items()}
     return Unpacked(kernel_root=roots["kernel"], busybox_root=roots["busybox"],
-                    qga_root=roots["qga"], release=kernel_release_of(roots["kernel"]))
+                    qga_root=roots["qga"], release=kernel_release_of(roots["kernel"]),
+                    extra_modules=extra_modules, shim_root=roots.get("shim"),
+                    grub_root=roots.get("grub"))
 
 
 def assemble(unpacked: Unpacked, out_dir: Path, progress: Progress | None) -> list[str]:
@@ -526,9 +595,9 @@ def write_manifest(out_dir: Path, unpacked: Unpacked, debs: dict[str, Path],
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
 
 
-def _remove_leftovers(images: Path) -> None:
+def _remove_leftovers(images: Path, directory: str) -> None:
     # Temp dirs of builds that were interrupted (we hold the lock: none is running).
-    for pattern in (".tiny-build-*", ".tiny-old-*"):
+    for pattern in (f".{directory}-build-*", f".{directory}-old-*"):
         for stale in images.glob(pattern):
             shutil.rmtree(stale, ignore_errors=True)
 
@@ -538,49 +607,55 @@ def _install(build_dir: Path, target: Path) -> None:
     (or briefly none, which load_tiny_image reports as "not built")."""
     old = None
     if target.exists():
-        old = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tiny-old-"))
-        os.replace(target, old / "tiny")
+        old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-old-"))
+        os.replace(target, old / target.name)
     os.replace(build_dir, target)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _build_into(build_dir: Path, cache_dir: Path, progress: Progress | None) -> None:
-    _report(progress, 0.0, f"resolving {KERNEL_METAPACKAGE}")
-    debs = fetch_packages(cache_dir, progress)
+def _build_into(build_dir: Path, cache_dir: Path, progress: Progress | None,
+                kind: Flavour = FLAVOURS["cloud"]) -> None:
+    _report(progress, 0.0, f"resolving {kind.kernel_metapackage}")
+    debs = fetch_packages(cache_dir, progress, kind)
     _report(progress, 0.5, "unpacking packages")
     work = build_dir / "unpacked"
-    unpacked = unpack_all(debs, work)
+    unpacked = unpack_all(debs, work, kind.extra_modules)
     modules = assemble(unpacked, build_dir, progress)
-    _report(progress, 0.85, "writing the bootable disk (GPT, BIOS + UEFI GRUB)")
-    bootdisk.build_boot_disk(build_dir / "vmlinuz", build_dir / "initrd.img", CMDLINE,
-                             build_dir)
+    if kind.boot_disk:
+        _report(progress, 0.85, "writing the bootable disk (GPT, BIOS GRUB + UEFI shim "
+                                "and signed GRUB)")
+        bootdisk.build_boot_disk(build_dir / "vmlinuz", build_dir / "initrd.img", CMDLINE,
+                                 build_dir, signed=unpacked.signed_loaders())
     _report(progress, 0.9, "writing manifest")
     write_manifest(build_dir, unpacked, debs, modules)
     shutil.rmtree(work)
 
 
 def build_tiny_image(state_dir: Path, *, force: bool = False,
-                     progress: Progress | None = None) -> TinyImage:
-    """Build (or reuse) the tiny image under <state_dir>/images/tiny."""
+                     progress: Progress | None = None, kernel: str = "cloud") -> TinyImage:
+    """Build (or reuse) the tiny image under <state_dir>/images/tiny (``kernel="generic"``:
+    the generic-kernel flavour under images/tiny-generic)."""
+    kind = flavour(kernel)
     images = Path(state_dir) / "images"
     images.mkdir(parents=True, exist_ok=True)
-    # One build at a time per state dir; a waiter then finds the fresh image cached.
-    with open(images / ".tiny.lock", "w") as lock:
+    # One build at a time per state dir and flavour; a waiter then finds it cached.
+    with open(images / f".{kind.directory}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if not force and (image := load_tiny_image(state_dir)) is not None:
+        if not force and (image := load_tiny_image(state_dir, kernel)) is not None:
             _report(progress, 1.0, "tiny image already built")
             return image
-        _remove_leftovers(images)
-        build_dir = Path(tempfile.mkdtemp(dir=images, prefix=".tiny-build-"))
+        _remove_leftovers(images, kind.directory)
+        build_dir = Path(tempfile.mkdtemp(dir=images, prefix=f".{kind.directory}-build-"))
         build_dir.chmod(0o755)  # mkdtemp makes it 0700; the image is not secret
         try:
-            _build_into(build_dir, deb_cache_dir(state_dir), progress)
-            _install(build_dir, tiny_image_dir(state_dir))
+            _build_into(build_dir, deb_cache_dir(state_dir), progress, kind)
+            _install(build_dir, tiny_image_dir(state_dir, kernel))
         finally:
             shutil.rmtree(build_dir, ignore_errors=True)
-    image = load_tiny_image(state_dir)
+    image = load_tiny_image(state_dir, kernel)
     if image is None:
-        raise ImageError(f"tiny image in {tiny_image_dir(state_dir)} is unreadable after build")
+        raise ImageError(f"tiny image in {tiny_image_dir(state_dir, kernel)} is unreadable "
+                         "after build")
     _report(progress, 1.0, f"tiny image ready (kernel {image.kernel_release})")
     return image

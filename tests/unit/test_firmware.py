@@ -92,6 +92,55 @@ def test_gpt_layout_is_fixed_and_esp_fits_the_payload() -> None:
     assert bootdisk.esp_size_mib(100 << 20) >= 125
 
 
+def _pe_image(cert_offset: int, cert_size: int, *, plus: bool = True) -> bytes:
+    """A minimal PE/COFF header: MZ stub, PE signature, optional header, data dirs."""
+    image = bytearray(4096)
+    image[:2] = b"MZ"
+    struct.pack_into("<I", image, bootdisk.PE_SIGNATURE_OFFSET, 0x80)
+    image[0x80:0x84] = b"PE\0\0"
+    optional = 0x80 + 24
+    struct.pack_into("<H", image, optional, 0x20B if plus else 0x10B)
+    directories = optional + (112 if plus else 96)
+    struct.pack_into("<II", image, directories + 8 * bootdisk.CERTIFICATE_TABLE,
+                     cert_offset, cert_size)
+    return bytes(image)
+
+
+def test_authenticode_signature_presence_is_read_from_the_pe_header() -> None:
+    assert bootdisk.has_authenticode_signature(_pe_image(2048, 1472))
+    assert bootdisk.has_authenticode_signature(_pe_image(2048, 1472, plus=False))
+    assert not bootdisk.has_authenticode_signature(_pe_image(0, 0))         # unsigned
+    assert not bootdisk.has_authenticode_signature(_pe_image(4000, 1472))   # past the end
+    assert not bootdisk.has_authenticode_signature(b"MZ" + bytes(10))       # truncated
+    assert not bootdisk.has_authenticode_signature(bytes(4096))             # not PE
+
+
+def test_secure_boot_esp_chains_shim_to_signed_grub_and_its_config() -> None:
+    kernel, initrd, efi, cfg = (Path(n) for n in ("vmlinuz", "initrd", "grub.efi", "cfg"))
+    signed = bootdisk.SignedLoaders(shim=Path("shim.signed"), grub=Path("grub.signed"))
+    files = dict((target, source) for source, target in
+                 bootdisk.esp_files(kernel, initrd, efi, cfg, signed))
+    # the firmware's removable-media path runs shim; shim loads grubx64.efi next to it;
+    # signed GRUB's built-in prefix is /EFI/debian
+    assert files == {"::/EFI/BOOT/BOOTX64.EFI": signed.shim,
+                     "::/EFI/BOOT/grubx64.efi": signed.grub,
+                     "::/EFI/debian/grub.cfg": cfg,
+                     "::/vmlinuz": kernel, "::/initrd.img": initrd}
+    assert not any("fbx64" in target for target in files)   # fallback would reset the VM
+    unsigned = dict((t, s) for s, t in bootdisk.esp_files(kernel, initrd, efi, cfg, None))
+    assert unsigned == {"::/EFI/BOOT/BOOTX64.EFI": efi, "::/vmlinuz": kernel,
+                        "::/initrd.img": initrd}
+
+
+def test_a_secure_boot_disk_refuses_an_unsigned_kernel(tmp_path: Path) -> None:
+    kernel = tmp_path / "vmlinuz"
+    kernel.write_bytes(_pe_image(0, 0))
+    signed = bootdisk.SignedLoaders(shim=tmp_path / "shim", grub=tmp_path / "grub")
+    with pytest.raises(ImageError, match="no signature"):
+        bootdisk.build_boot_disk(kernel, kernel, "quiet", tmp_path, signed=signed)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["vmlinuz"]    # nothing written
+
+
 # --- swtpm --------------------------------------------------------------------------------
 def test_swtpm_argv_terminates_with_qemu(tmp_path: Path) -> None:
     argv = tpm.swtpm_argv(VmPaths(tmp_path, UUID), "qemu")

@@ -135,6 +135,47 @@ def test_cached_deb_is_not_downloaded_again(tmp_path: Path, monkeypatch) -> None
     assert tiny.fetch_deb(pkg, tmp_path) == tmp_path / pkg.deb_name
 
 
+def test_flavours_pick_kernel_packages_and_the_signed_loaders(monkeypatch) -> None:
+    releases = {"linux-image-cloud-amd64": "linux-image-6.1.0-56-cloud-amd64",
+                "linux-image-amd64": "linux-image-6.1.0-56-amd64"}
+
+    def apt_cache(cmd, what, **kwargs):
+        assert cmd[:2] == ["apt-cache", "depends"]
+        return f"{cmd[2]}\n  Depends: {releases[cmd[2]]}\n"
+    monkeypatch.setattr(tiny, "run_tool", apt_cache)
+    cloud = tiny.package_names(tiny.flavour("cloud"))
+    assert cloud["kernel"] == "linux-image-6.1.0-56-cloud-amd64"
+    assert (cloud["shim"], cloud["grub"]) == ("shim-signed", "grub-efi-amd64-signed")
+    generic = tiny.package_names(tiny.flavour("generic"))
+    assert generic["kernel"] == "linux-image-6.1.0-56-amd64"
+    assert "shim" not in generic and "grub" not in generic    # no boot disk
+    assert "e1000" in tiny.flavour("generic").extra_modules
+    assert tiny.tiny_image_dir(Path("/s"), "generic") == Path("/s/images/tiny-generic")
+    with pytest.raises(ImageError, match="unknown tiny image kernel"):
+        tiny.flavour("rt")
+
+
+def test_missing_signed_loader_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "shim" / tiny.SIGNED_SHIM_FILE).parent.mkdir(parents=True)
+    (tmp_path / "shim" / tiny.SIGNED_SHIM_FILE).write_bytes(b"shim")
+    unpacked = tiny.Unpacked(tmp_path, tmp_path, tmp_path, "6.1", shim_root=tmp_path / "shim",
+                             grub_root=tmp_path / "grub")
+    with pytest.raises(ImageError, match="grub-efi-amd64-signed has no grubx64.efi.signed"):
+        unpacked.signed_loaders()
+    with pytest.raises(ImageError, match="not unpacked"):
+        tiny.Unpacked(tmp_path, tmp_path, tmp_path, "6.1").signed_loaders()
+
+
+def test_generic_flavour_builds_into_its_own_dir(tmp_path: Path, monkeypatch) -> None:
+    kinds = []
+    monkeypatch.setattr(tiny, "_build_into",
+                        lambda d, c, p, kind: (kinds.append(kind.name), fake_build(d, c, p)))
+    image = build_tiny_image(tmp_path, kernel="generic")
+    assert kinds == ["generic"] and image.kernel.parent == tmp_path / "images/tiny-generic"
+    assert load_tiny_image(tmp_path) is None        # the default flavour is separate
+    assert load_tiny_image(tmp_path, "generic") == image
+
+
 def test_run_tool_error_carries_stderr() -> None:
     with pytest.raises(ImageError, match="doing x.*exited 3: boom"):
         tiny.run_tool(["sh", "-c", "echo boom >&2; exit 3"], "doing x")
@@ -226,7 +267,7 @@ def test_guest_os_release() -> None:
 
 # --- manifest and caching ---------------------------------------------------------------
 
-def fake_build(build_dir: Path, cache_dir: Path, progress) -> None:
+def fake_build(build_dir: Path, cache_dir: Path, progress, kind=None) -> None:
     """Stand-in for the real download/unpack/assemble: writes a valid image."""
     for name, content in (("vmlinuz", b"kernel"), ("initrd.img", b"initrd")):
         (build_dir / name).write_bytes(content)
@@ -288,7 +329,7 @@ def test_cached_image_is_reused_and_force_rebuilds(built: Path, monkeypatch) -> 
 
 def test_interrupted_build_keeps_old_image_and_leaves_no_temp(built: Path,
                                                               monkeypatch) -> None:
-    def failing_build(build_dir: Path, cache_dir: Path, progress) -> None:
+    def failing_build(build_dir: Path, cache_dir: Path, progress, kind=None) -> None:
         (build_dir / "vmlinuz").write_bytes(b"half")
         raise ImageError("download failed")
     monkeypatch.setattr(tiny, "_build_into", failing_build)
