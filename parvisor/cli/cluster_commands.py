@@ -84,11 +84,19 @@ def print_created(data: dict[str, Any]) -> None:
 @cluster_app.command("join")
 def join(name: str, etcd: str = typer.Option(..., "--etcd", help="Comma-separated "
                                              "https://IP:2379 URLs of the etcd members."),
+         shared_storage: Optional[Path] = typer.Option(
+             None, "--shared-storage", help="The cluster storage path as this host mounts "
+                                            "it (HA VMs' disks; recovery places VMs only "
+                                            "on hosts that have it)."),
+         site: str = typer.Option("", "--site", help="Site name (status, site split)."),
          as_json: bool = JsonOpt) -> None:
     """Make this host a member (service stopped; ca.crt + ca.key in <state>/cluster/pki):
     its VM definitions, checkpoints and switches move into the cluster store."""
     from parvisor.cluster import admin
-    result = admin.join(_config(), name, _endpoints(etcd))
+    extra: dict[str, Any] = {"site": site}
+    if shared_storage is not None:
+        extra["shared_storage"] = shared_storage.absolute()
+    result = admin.join(_config(), name, _endpoints(etcd), **extra)
     emit(result, as_json, lambda d: out.print(
         f"{d['host']} is now a member of {name}; moved VMs: "
         f"{', '.join(d['moved_vms']) or 'none'}; start the host service", markup=False))

@@ -158,10 +158,13 @@ def etcd_server_certs(ca: certs.CertPair, directory: Path, endpoints: list[str])
 
 
 # --- join -----------------------------------------------------------------------------------
-def join(config: HostConfig, name: str, endpoints: list[str], **timings: object) -> dict:
+def join(config: HostConfig, name: str, endpoints: list[str], **options: object) -> dict:
     """Make this host a member: checks first (nothing changes when one fails), then
     the definitions move into etcd, the SQLite database is retired, ``[cluster]`` is
-    written."""
+    written. ``options``: other ``ClusterSettings`` fields (shared_storage, site ...)."""
+    shared = options.get("shared_storage")
+    if shared is not None and not Path(str(shared)).is_dir():
+        raise InvalidInput(f"--shared-storage {shared}: not a directory on this host")
     check_name(name)
     check_endpoints(endpoints)
     check_not_member(config)
@@ -170,7 +173,7 @@ def join(config: HostConfig, name: str, endpoints: list[str], **timings: object)
     settings = ClusterSettings(name=name, host=config.host_name, endpoints=tuple(endpoints),
                                ca=ca.cert, cert=pki_dir(config) / f"host-{config.host_name}.crt",
                                key=pki_dir(config) / f"host-{config.host_name}.key",
-                               **{"api_port": CLUSTER_API_PORT, **timings})  # type: ignore[arg-type]
+                               **{"api_port": CLUSTER_API_PORT, **options})  # type: ignore[arg-type]
     settings.check()
     certs.issue(ca, pki_dir(config), f"host-{config.host_name}", server=False)
     # the cluster API's server certificate, while ca.key is here (parvisor.cluster.host_api)

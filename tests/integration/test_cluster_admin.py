@@ -187,7 +187,10 @@ def test_create_join_status_leave(machines):
     joined_a = wait_for(lambda: _join(a, endpoints), 30, "etcd to answer a's join",
                         interval=0.5)
     assert joined_a["moved_vms"] == []
-    joined_b = b.json("cluster", "join", "prod", "--etcd", endpoints)
+    shared = b.state / "shared"        # stands for the cluster storage mount
+    shared.mkdir()
+    joined_b = b.json("cluster", "join", "prod", "--etcd", endpoints,
+                      "--shared-storage", str(shared), "--site", "east")
     assert joined_b["moved_vms"] == ["web"] and joined_b["host"] == "b"
     assert not (b.state / "parvisor.db").exists()     # retired: never found again
     assert Path(joined_b["sqlite_kept_as"]).exists()
@@ -202,6 +205,8 @@ def test_create_join_status_leave(machines):
     status = wait_for(lambda: _both_members(a), 30, "a and b to hold leases")
     assert status["quorum"] is True and status["cluster"] == "prod"
     hosts = {h["name"]: h for h in status["hosts"]}
+    assert (hosts["b"]["shared_storage"], hosts["b"]["site"]) == (True, "east")
+    assert (hosts["a"]["shared_storage"], hosts["a"]["site"]) == (False, "")
     for name in ("a", "b"):
         assert hosts[name]["health"] == "up"
         assert 0 <= hosts[name]["lease_age_s"] <= hosts[name]["lease_ttl_s"] == TTL_S
@@ -261,6 +266,9 @@ def test_bad_input_changes_nothing():
         assert not (state / "cluster").exists()
         done = cli("cluster", "join", "prod", "--etcd", "https://10.0.0.1:2379")
         assert done.returncode == 1 and "no cluster CA" in done.stderr
+        done = cli("cluster", "join", "prod", "--etcd", "https://10.0.0.1:2379",
+                   "--shared-storage", str(state / "not-mounted"))
+        assert done.returncode == 1 and "not a directory" in done.stderr
         done = cli("cluster", "leave")
         assert done.returncode == 1 and "not a cluster member" in done.stderr
         assert (state / "config.toml").read_text() == 'host_name = "x"\n'
