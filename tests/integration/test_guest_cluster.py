@@ -31,6 +31,8 @@ from parvisor.testing.lab_fixture import LabUnderTest, running_lab
 pytestmark = pytest.mark.qemu
 SIZE_M = 64
 SECTORS = SIZE_M << 11          # /sys/block/*/size counts 512-byte sectors
+# readiness polls (not deadlines): two TCG guests boot at once on a loaded 2-core box
+BOOT_S = 120
 Wait = Callable[[Callable[[], object], float, str], object]
 
 
@@ -103,8 +105,8 @@ def test_two_vms_on_one_host_see_each_others_writes(host):
     host.cli("vm", "disk", "add", "gc1", "--shared", str(shared))      # from its start
     host.cli("vm", "start", "gc1")
     host.cli("vm", "start", "gc2")
-    host.wait_agent("gc1")
-    host.wait_agent("gc2")
+    host.wait_agent("gc1", timeout=BOOT_S)
+    host.wait_agent("gc2", timeout=BOOT_S)
     host.cli("vm", "disk", "add", "gc2", "--shared", str(shared))      # hot-added
     assert [d["shared"] for d in host.vm("gc2")["disks"] if d["path"] == str(shared)] == [True]
 
@@ -140,7 +142,7 @@ def test_guest_cluster_nodes_on_two_hosts_share_a_disk(tiny_image):
         assert sorted(hosts.values()) == ["h1", "h2"], hosts       # anti-affinity
         for name, host in hosts.items():
             lab.wait(lambda: lab.on(host, "vm", "exec", name, "--", "true", check=False)
-                     .returncode == 0, 60, f"the guest agent of {name} on {host}")
+                     .returncode == 0, BOOT_S, f"the guest agent of {name} on {host}")
         lab.on(hosts["gcb"], "vm", "disk", "add", "gcb", "--shared", str(shared))
 
         def guest(name: str) -> Callable[[str], str]:
