@@ -236,8 +236,9 @@ def test_create_join_status_leave(machines):
     assert b.json("vm", "list") == []          # standalone and empty
 
 
-def _join(m: Machine, endpoints: str) -> dict | None:
-    done = m.run("cluster", "join", "prod", "--etcd", endpoints, "--json", check=False)
+def _join(m: Machine, endpoints: str, *extra: str) -> dict | None:
+    done = m.run("cluster", "join", "prod", "--etcd", endpoints, *extra, "--json",
+                 check=False)
     if done.returncode == 0:
         return json.loads(done.stdout)
     assert "etcd is not reachable" in done.stderr, done.stderr      # only "not yet"
@@ -274,3 +275,56 @@ def test_bad_input_changes_nothing():
         assert (state / "config.toml").read_text() == 'host_name = "x"\n'
     finally:
         shutil.rmtree(state, ignore_errors=True)
+
+
+@pytest.mark.slow     # boots a QEMU (TCG) and restarts services: minutes on a loaded box
+def test_leave_releases_this_hosts_vm_to_the_cluster(machines):
+    """``cluster leave`` refuses while a QEMU of the host runs; once the VM is off, leave
+    releases it and another host starts it (disk on the cluster storage)."""
+    a, b, w = machines["a"], machines["b"], machines["w"]
+    shared = short_state_dir("pvcs-")
+    try:
+        for m in (a, b):
+            with open(m.state / "config.toml", "a") as config:
+                config.write(f'storage_roots = ["{shared}", "{m.state / "local"}"]\n')
+        endpoints = ",".join(f"https://{m.ip}:2379" for m in (a, b, w))
+        created = a.json("cluster", "create", "prod", "--etcd", endpoints)
+        for m in (b, w):
+            shutil.copytree(a.state / "cluster" / "pki", m.state / "cluster" / "pki")
+        for member in created["etcd_members"]:
+            owner = next(m for m in (a, b, w) if m.ip == member["address"])
+            owner.spawn("etcd", [PARVISOR, *member["command"][1:]])
+        for m in (a, b):
+            wait_for(lambda: _join(m, endpoints, "--shared-storage", str(shared)), 30,
+                     f"{m.name}'s join", interval=0.5)
+            m.start_service()
+        b.run("vm", "create", "web", "--image", "tiny", "--memory", "128M",
+              "--preferred-hosts", "b")
+        uuid = b.json("vm", "show", "web")["uuid"]
+        b.run("vm", "start", "web")
+        wait_for(lambda: _qemu_here(b, uuid), 90, "web's QEMU on b", interval=0.5)
+
+        b.stop("service")                     # a non-HA VM keeps running
+        refused = b.run("cluster", "leave", check=False)
+        assert refused.returncode == 1 and "VMs still run on this host: web" in refused.stderr
+        assert "[cluster]" in b.config_text()
+
+        b.start_service()                     # what the user does: turn it off first
+        b.run("vm", "turn-off", "web")
+        wait_for(lambda: not _qemu_here(b, uuid), 30, "web's QEMU on b to end")
+        b.stop("service")
+        left = b.json("cluster", "leave")
+        assert left["host"] == "b"
+        a.run("vm", "start", "web")
+        wait_for(lambda: _qemu_here(a, uuid), 90, "web's QEMU on a", interval=0.5)
+        assert not _qemu_here(b, uuid)
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
+
+
+def _qemu_here(m: Machine, vm_uuid: str) -> bool:
+    try:
+        pid = int((m.state / "vms" / vm_uuid / "qemu.pid").read_text())
+        return vm_uuid.encode() in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError):
+        return False
