@@ -22,7 +22,7 @@ The stall limit: QEMU 7.2's NBD client has no request timeout (``reconnect-delay
 ``open-timeout`` only apply while *connecting*) and its inet address has ``keep-alive``
 but no idle/user-timeout knobs, so a peer that is stopped while its kernel still ACKs
 (or a link that drops packets) would block guest writes forever. The engine therefore
-makes the TCP connection itself (TCP_USER_TIMEOUT = the limit, keep-alive), hands it to
+makes the TCP connection itself (keep-alive, no Nagle), hands it to
 QEMU (``getfd`` + an ``fd`` socket address) and keeps a duplicate. A supervisor polls the
 socket's TCP_INFO: when a request has been out (data sent after the last data received)
 for the stall limit, it shuts the socket down. QEMU's NBD client (``reconnect-delay=0``)
@@ -95,7 +95,6 @@ RESYNC_MAX_ROUNDS = 5
 RESYNC_PAUSED_BYTES = 4 << 20      # what is left for the paused final round (at most)
 RESYNC_ROUND_TIMEOUT_S = 3600.0
 JOB_END_TIMEOUT_S = 30.0
-TCP_USER_TIMEOUT = getattr(socket, "TCP_USER_TIMEOUT", 18)
 # struct tcp_info (linux/tcp.h): 8 bytes of u8 fields, then u32s; the two we need:
 TCPI_LAST_DATA_SENT, TCPI_LAST_DATA_RECV = 44, 52
 
@@ -239,8 +238,9 @@ class Link:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setblocking(False)
-        # the kernel gives up on unacknowledged data after the limit (a dead link)
-        sock.setsockopt(socket.IPPROTO_TCP, TCP_USER_TIMEOUT, int(stall_limit_s * 1000))
+        # No TCP_USER_TIMEOUT: the kernel would then fail the requests of a dead link
+        # by itself and let the guest's writes go on before the protocol committed
+        # "broken" (before_release); the supervisor decides that alone.
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
@@ -382,6 +382,7 @@ class SyncReplication:
         self.ever_in_sync = False
         self.in_sync_since: float | None = None
         self.broken_at: float | None = None
+        self.consistent_until: ConsistentPoint | None = None
         self.rotation = BitmapRotation(rotation_period(stall_limit_s))
         self._supervisor: asyncio.Task[None] | None = None
         self._resync: asyncio.Task[None] | None = None
@@ -395,6 +396,8 @@ class SyncReplication:
         consistent = None
         if self.state == "in-sync":
             consistent = ConsistentPoint(time.monotonic(), time.time())
+        elif self.state == "broken":
+            consistent = self.consistent_until     # None: never was in sync
         return job_progress(self.state, job, consistent=consistent, error=self.error)
 
     async def wait_in_sync(self, timeout: float) -> None:
@@ -531,7 +534,7 @@ class SyncReplication:
                 reason = (f"the replica did not answer for {stalled:.1f} s"
                           f" (limit {self.stall_limit_s:g} s)")
                 if await self._may_release(reason):
-                    await self._break(reason)
+                    await self._break(reason, stalled)
                 return
         if self.process.exited:
             await self._break("the VM's QEMU exited")
@@ -574,11 +577,18 @@ class SyncReplication:
                            {"node": self.node, "name": name})
             self.rotation.mark(name, now)
 
-    async def _break(self, reason: str) -> None:
+    async def _break(self, reason: str, stalled_s: float = 0.0) -> None:
         """Cut the links first (releases blocked guest writes), then clean up."""
         if self.state in ("broken", "stopped"):
             return
         log.warning("replication of %s broken: %s", self.node, reason)
+        if self.state == "in-sync":
+            # the replica has every write acknowledged before the stall began; during
+            # a (re)sync it holds blocks of different times: no consistent point
+            self.consistent_until = ConsistentPoint(time.monotonic() - stalled_s,
+                                                    time.time() - stalled_s)
+        else:
+            self.consistent_until = None
         self.state, self.error, self.broken_at = "broken", reason, time.monotonic()
         self.in_sync_since = None
         for link in self.links:

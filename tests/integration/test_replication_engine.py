@@ -156,7 +156,9 @@ async def test_frozen_replica_stalls_writes_at_most_the_limit_then_resyncs(rig: 
     print(f"frozen replica: write took {stalled:.2f} s (unstalled {baseline:.2f} s,"
           f" limit {STALL_LIMIT_S:g} s); {(await rep.status()).error}")
     assert stalled <= STALL_LIMIT_S + STALL_MARGIN_S
-    assert (await rep.status()).state == "broken"
+    broken = await rep.status()
+    assert broken.state == "broken" and broken.last_consistent_at is not None
+    assert broken.last_consistent_at.monotonic <= time.monotonic() - STALL_LIMIT_S
     assert len(released) == 2 and "did not answer" in released[0]
     assert (await rig.vm.query_status()).running
     await rig.write_records(22, 30, tag="s")     # the VM carries on alone
