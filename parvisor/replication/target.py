@@ -12,7 +12,7 @@ Two ways of writing, one per replication mode:
   the primary sees acknowledged is flushed on the replica host, so a crash of the
   replica host cannot lose it);
 * asynchronous: ``begin_cycle()`` puts a fresh qcow2 overlay on top of the image and
-  exports only the overlay; ``commit_cycle()`` commits it into the image once the
+  exports only the overlay; ``commit_cycle()`` commits it into the image (then flushes it) once the
   primary says the cycle is complete, ``abort_cycle()`` throws it away. The image itself
   is therefore always the last *complete* cycle (the last consistent point).
 
@@ -103,6 +103,22 @@ def daemon_argv(spec: TargetSpec, qmp_socket: Path, pidfile: Path) -> list[str]:
              "--chardev", f"socket,id=qmp,path={qmp_socket},server=on,wait=off",
              "--monitor", "chardev=qmp", "--pidfile", str(pidfile)]
     return argv
+
+
+def flush_argv(spec: TargetSpec) -> list[str]:
+    """qemu-io connecting to the target's own export (TLS with the same directory's
+    client certificate) and sending one flush (pure)."""
+    argv = ["ip", "netns", "exec", spec.netns] if spec.netns else []
+    argv.append("qemu-io")
+    opts = {"driver": "raw", "file.driver": "nbd", "file.server.type": "inet",
+            "file.server.host": spec.listen_host, "file.server.port": str(spec.port),
+            "file.export": spec.export_name}
+    if spec.tls_dir is not None:
+        argv += ["--object", _opts({"qom-type": "tls-creds-x509", "id": "flush-tls",
+                                    "dir": str(spec.tls_dir), "endpoint": "client"})]
+        opts["file.tls-creds"] = "flush-tls"
+        opts["file.tls-hostname"] = spec.listen_host
+    return argv + ["--image-opts", _opts(opts), "-c", "flush"]
 
 
 def _opts(options: dict[str, str]) -> str:
@@ -236,7 +252,26 @@ class ReplicaTarget:
                                             "top-node": OVERLAY_NODE,
                                             "base-node": IMAGE_NODE, "auto-dismiss": True})
         await self._finish_active_commit(job, timeout)
+        await self._flush_image()        # durable before the overlay file goes
         await self._drop_overlay()
+
+    async def _flush_image(self, timeout: float = 120.0) -> None:
+        """Flush the image (QEMU's qcow2 metadata cache, then the host's page cache).
+        qemu-storage-daemon has no flush command and ``blockdev-reopen`` does not
+        flush, so an NBD client sends NBD_CMD_FLUSH to a short-lived export."""
+        await self._export(IMAGE_NODE)
+        try:
+            argv = flush_argv(self.spec)
+            done = await asyncio.to_thread(subprocess.run, argv, capture_output=True,
+                                           text=True, timeout=timeout)
+            if done.returncode != 0:
+                raise ReplicationFailed(f"flushing the replica image failed: "
+                                        f"{(done.stderr or done.stdout).strip()[:500]}",
+                                        argv=argv)
+        except subprocess.TimeoutExpired as exc:
+            raise ReplicationFailed("flushing the replica image timed out") from exc
+        finally:
+            await self.unexport()
 
     async def _finish_active_commit(self, job: str, timeout: float) -> None:
         """An active commit is a mirror: wait for ready, complete it, wait until gone."""

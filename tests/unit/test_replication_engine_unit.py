@@ -15,7 +15,8 @@ from parvisor.replication.engine import (TCPI_LAST_DATA_RECV, TCPI_LAST_DATA_SEN
                                          async_generations, check_stall_limit,
                                          job_progress, parse_nbd_uri, rotation_period,
                                          tcp_info_times)
-from parvisor.replication.target import TargetSpec, create_replica_image, daemon_argv
+from parvisor.replication.target import (TargetSpec, create_replica_image, daemon_argv,
+                                         flush_argv)
 
 
 # --- stall detection --------------------------------------------------------------------
@@ -144,3 +145,15 @@ def test_replica_image_bad_input_creates_nothing(tmp_path: Path) -> None:
     with pytest.raises(InvalidInput):
         create_replica_image(existing, "qcow2", 1 << 20)
     assert existing.read_bytes() == b"keep"
+
+
+def test_flush_client_uses_the_targets_address_and_certificates(tmp_path: Path) -> None:
+    spec = TargetSpec(image=tmp_path / "r.qcow2", format="qcow2", listen_host="10.0.0.2",
+                      port=10809, state_dir=tmp_path, tls_dir=tmp_path / "tls",
+                      netns="pvrx")
+    argv = flush_argv(spec)
+    joined = " ".join(argv)
+    assert argv[:5] == ["ip", "netns", "exec", "pvrx", "qemu-io"]
+    assert argv[-2:] == ["-c", "flush"]
+    assert "endpoint=client" in joined and "file.tls-creds=flush-tls" in joined
+    assert "file.server.host=10.0.0.2" in joined and "file.export=disk" in joined
