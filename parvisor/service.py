@@ -20,9 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import uvicorn
-from fastapi import WebSocket, WebSocketDisconnect
+from fastapi import WebSocket
 
 from parvisor.api.app import create_app
+from parvisor.api.ws_bridge import bridge
 from parvisor.web import console_server_config
 from parvisor.config import HostConfig, write_default_config
 from parvisor.errors import InvalidInput, ParvisorError
@@ -131,26 +132,9 @@ class HostService:
             await websocket.close(code=4404, reason=str(exc)[:120])
             return
         await websocket.accept()
-
-        async def guest_to_client() -> None:
-            while data := await reader.read(4096):
-                await websocket.send_bytes(data)
-
-        async def client_to_guest() -> None:
-            while True:
-                message = await websocket.receive()
-                if message["type"] == "websocket.disconnect":
-                    return
-                writer.write(message.get("bytes") or (message.get("text") or "").encode())
-                await writer.drain()
-        tasks = [asyncio.create_task(guest_to_client()), asyncio.create_task(client_to_guest())]
         try:
-            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        except WebSocketDisconnect:
-            pass
+            await bridge(websocket, reader, writer)
         finally:
-            for task in tasks:
-                task.cancel()
             writer.close()
             with contextlib.suppress(Exception):
                 await websocket.close()

@@ -16,6 +16,7 @@ from typing import Any
 
 from fastapi import FastAPI, WebSocket
 
+from parvisor.api.ws_bridge import bridge
 from parvisor.errors import ParvisorError
 from parvisor.model.states import check_action
 
@@ -50,32 +51,8 @@ async def attach_display(service: Any, websocket: WebSocket, name: str) -> None:
         await websocket.close(code=CLOSE_UNUSABLE, reason=message[:120])
         return
     try:
-        await _bridge(websocket, reader, writer)
+        await bridge(websocket, reader, writer, CHUNK)
     finally:
         writer.close()
         with contextlib.suppress(Exception):
             await websocket.close(code=CLOSE_GONE, reason="the VM's display closed")
-
-
-async def _bridge(websocket: WebSocket, reader: asyncio.StreamReader,
-                  writer: asyncio.StreamWriter) -> None:
-    """Copy both ways until either side ends."""
-    async def vm_to_browser() -> None:
-        while data := await reader.read(CHUNK):
-            await websocket.send_bytes(data)
-
-    async def browser_to_vm() -> None:
-        while True:
-            message = await websocket.receive()
-            if message["type"] == "websocket.disconnect":
-                return
-            writer.write(message.get("bytes") or (message.get("text") or "").encode())
-            await writer.drain()
-
-    tasks = [asyncio.create_task(vm_to_browser()), asyncio.create_task(browser_to_vm())]
-    try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
