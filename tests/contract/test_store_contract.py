@@ -4,7 +4,6 @@ fixture starts on 127.0.0.1 with free ports and a tmp data dir and stops by PID.
 
 from __future__ import annotations
 
-import shutil
 import uuid
 
 import pytest
@@ -15,21 +14,10 @@ from parvisor.model.vm import VmDefinition
 from parvisor.store.base import Event
 from parvisor.store.etcd import EtcdStore
 from parvisor.store.sqlite import SqliteStore
-from parvisor.testing.etcd_fixture import EtcdCluster
 
 KERNEL = {"kind": "kernel", "kernel": "/k"}
 
 
-@pytest.fixture(scope="module")
-def etcd(tmp_path_factory):
-    if shutil.which("etcd") is None:
-        pytest.skip("etcd-server is not installed (apt-get install etcd-server)")
-    cluster = EtcdCluster(tmp_path_factory.mktemp("etcd"), size=1)
-    try:
-        cluster.start()
-        yield cluster
-    finally:
-        cluster.close()
 
 
 @pytest.fixture(params=["sqlite", "etcd"])

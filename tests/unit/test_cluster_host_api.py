@@ -4,7 +4,6 @@ for the host's API address; what a host without the CA key does; the settings.""
 
 from __future__ import annotations
 
-import shutil
 
 import pytest
 from cryptography import x509
@@ -22,17 +21,6 @@ def settings_in(pki, **extra) -> ClusterSettings:
                            migration_address="10.9.0.1", **extra)
 
 
-@pytest.fixture(scope="module")
-def etcd(tmp_path_factory):
-    if shutil.which("etcd") is None:
-        pytest.skip("etcd-server is not installed")
-    from parvisor.testing.etcd_fixture import EtcdCluster
-    cluster = EtcdCluster(tmp_path_factory.mktemp("etcd"), size=1)
-    try:
-        cluster.start()
-        yield cluster
-    finally:
-        cluster.close()
 
 
 def test_every_member_reads_the_same_token_created_once(etcd):

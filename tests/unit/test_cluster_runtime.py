@@ -5,7 +5,6 @@ checkpoint documents on a real single etcd member."""
 from __future__ import annotations
 
 import json
-import shutil
 import uuid
 
 import pytest
@@ -76,17 +75,6 @@ def test_bad_anti_affinity_group_is_refused():
         VmDefinition(name="x", boot=KERNEL, anti_affinity="../g")
 
 
-@pytest.fixture(scope="module")
-def etcd(tmp_path_factory):
-    if shutil.which("etcd") is None:
-        pytest.skip("etcd-server is not installed")
-    from parvisor.testing.etcd_fixture import EtcdCluster
-    cluster = EtcdCluster(tmp_path_factory.mktemp("etcd"), size=1)
-    try:
-        cluster.start()
-        yield cluster
-    finally:
-        cluster.close()
 
 
 def test_etcd_store_checkpoints_follow_the_store_rules(etcd):
