@@ -74,7 +74,8 @@ def _print_status(data: dict[str, Any]) -> None:
                                            "ignore_unknown_options": True})
 def exec_(ctx: typer.Context, host: str, directory: Optional[str] = DirOpt) -> None:
     """Run a command inside HOST (its namespace, state dir, .venv/bin on PATH)."""
-    argv = [a for a in ctx.args if a != "--"] if ctx.args[:1] == ["--"] else list(ctx.args)
+    # only the first "--" is ours: the command's own (``vm exec NAME -- ls -l``) stay
+    argv = list(ctx.args[1:]) if ctx.args[:1] == ["--"] else list(ctx.args)
     if not argv:
         raise typer.BadParameter("give a command after --")
     command, env = _lab(directory).exec_argv(host, argv)

@@ -93,3 +93,26 @@ def test_exec_on_a_host_without_power_is_refused(tmp_path):
     with pytest.raises(InvalidInput, match="lost power"):
         lab.exec_argv("h1", ["true"])
     assert lab.exec_argv("h2", ["true"])[0][-1] == "true"
+
+
+def test_lab_exec_passes_the_commands_own_double_dash_through(monkeypatch):
+    """``lab exec h1 -- parvisor vm exec x -- ls -l``: the guest command keeps its ``--``
+    (without it ``-l`` would be taken as an option of ``parvisor vm exec``)."""
+    from typer.testing import CliRunner
+
+    import parvisor.cli.lab_commands as lab_commands
+    from parvisor.cli.main import app
+
+    seen = {}
+
+    class RecordingLab:
+        def exec_argv(self, host, argv):
+            seen[host] = argv
+            return ["true"], None
+
+    monkeypatch.setattr(lab_commands, "_lab", lambda directory: RecordingLab())
+    for args in (["--", "parvisor", "vm", "exec", "x", "--", "ls", "-l"],
+                 ["--", "--", "parvisor", "vm", "exec", "x", "--", "ls", "-l"]):
+        done = CliRunner().invoke(app, ["lab", "exec", "h1", *args])
+        assert done.exit_code == 0, done.output
+        assert seen["h1"] == ["parvisor", "vm", "exec", "x", "--", "ls", "-l"]
