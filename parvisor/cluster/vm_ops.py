@@ -22,7 +22,7 @@ from typing import Any
 from parvisor.cluster.etcd_kv import cmp_mod, op_delete
 from parvisor.cluster.local_host import reset_for_takeover
 from parvisor.cluster.migration_host import MigrationHostActions
-from parvisor.errors import Busy, StateError
+from parvisor.errors import Busy, Refused
 from parvisor.model.states import VmState
 from parvisor.model.vm import VmStatus
 from parvisor.ops.vms import VmManager
@@ -31,6 +31,13 @@ from parvisor.vm.paths import VmPaths
 
 DRAIN_SHUTDOWN_TIMEOUT_S = 30.0
 SAVED_STATES_DIR = "saved-states"      # under the shared storage path    # graceful stop before a drain hand-off, then power-off
+
+
+class OwnedElsewhere(Refused):
+    """The VM belongs to another host that may still run it: nothing is changed here."""
+
+    code = "wrong_host"
+    http_status = 409
 
 
 class ClusterVmManager(MigrationHostActions, VmManager):
@@ -113,13 +120,13 @@ class ClusterVmManager(MigrationHostActions, VmManager):
             return
         keys = self.store.keys
         if self.store.kv.get(keys.member(owner["host"])) is None:
-            raise StateError(f"VM '{record.name}' belongs to host {owner['host']}, which is "
-                             "not a cluster member now; it may still run there",
-                             vm=record.name, host=owner["host"])
+            raise OwnedElsewhere(f"VM '{record.name}' belongs to host {owner['host']}, which "
+                                 "is not a cluster member now; it may still run there",
+                                 vm=record.name, host=owner["host"])
         status, _ = self._cluster_doc("status", record.uuid)
         if status and status["revision"] == revision and status["phase"] == "running":
-            raise StateError(f"VM '{record.name}' is running on host {owner['host']}",
-                             vm=record.name, host=owner["host"])
+            raise OwnedElsewhere(f"VM '{record.name}' is running on host {owner['host']}",
+                                 vm=record.name, host=owner["host"])
         self.store.kv.txn([cmp_mod(keys.owner(record.uuid), revision)],
                           [op_delete(keys.owner(record.uuid)),
                            op_delete(keys.status(record.uuid))])

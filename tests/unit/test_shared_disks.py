@@ -6,21 +6,25 @@ qemu-img images (no QEMU: the VMs stay off, so disks change in definitions only)
 
 from __future__ import annotations
 
+import json
 import os
 import pwd
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
 from parvisor.api.app import create_app
+from parvisor.cluster.vm_ops import ClusterVmManager, OwnedElsewhere
 from parvisor.config import load_config
 from parvisor.migration.checks import shared_disk_refusals
 from parvisor.model.states import VmState
 from parvisor.model.vm import VmDefinition, upgrade_definition
 from parvisor.ops.hotplug_devices import _disk_device, blockdev_nodes
 from parvisor.service import HostService
+from parvisor.store.etcd import Keys
 from parvisor.vm import argv as qargv
 from parvisor.vm.argv import LaunchSpec
 from parvisor.vm.paths import VmPaths
@@ -239,3 +243,36 @@ def test_cli_disk_option_takes_the_shared_flag():
     from parvisor.cli.disk_commands import disk_options
     assert disk_options(["/c/q.raw,shared"], [])["disks"] == [{"path": "/c/q.raw",
                                                                "shared": True}]
+
+
+# --- cluster: a start that would clear another host's owner record ------------------------------
+class _Kv:
+    def __init__(self, items: dict[str, bytes]) -> None:
+        self.items, self.txns = items, []
+
+    def get(self, key: str):
+        value = self.items.get(key)
+        return None if value is None else SimpleNamespace(value=value, mod_revision=7)
+
+    def txn(self, compares, ops) -> None:
+        self.txns.append(ops)
+
+
+@pytest.mark.parametrize("member,phase,message", [
+    (False, "stopped", "not a cluster member now"),
+    (True, "running", "is running on host h2"),
+])
+def test_start_refuses_a_vm_another_host_may_still_run(member, phase, message):
+    # these refusals used StateError with a free message, which it does not take: a 500
+    keys = Keys("/parvisor/c/")
+    record = SimpleNamespace(name="n1", uuid=UUID)
+    items = {keys.owner(UUID): json.dumps({"host": "h2"}).encode(),
+             keys.status(UUID): json.dumps({"revision": 7, "phase": phase}).encode()}
+    if member:
+        items[keys.member("h2")] = b"{}"
+    manager = SimpleNamespace(store=SimpleNamespace(kv=_Kv(items), keys=keys))
+    manager._cluster_doc = lambda kind, vm_uuid: ClusterVmManager._cluster_doc(
+        manager, kind, vm_uuid)
+    with pytest.raises(OwnedElsewhere, match=message) as refused:
+        ClusterVmManager._release_stopped_owner(manager, record)
+    assert refused.value.http_status == 409 and not manager.store.kv.txns
