@@ -17,7 +17,7 @@ import statistics
 import time
 
 from parvisor.testing.estates import generated_estate
-from parvisor.planner import HostModel, Server, plan
+from parvisor.planner import HostModel, plan
 
 MODEL = HostModel("std", 32, 2.6, 384, 8000)
 

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 
@@ -101,9 +100,7 @@ def test_json_and_html_reports():
 def test_generated_estates_fit_and_stay_near_the_bound(count):
     servers = generated(count, seed=count)
     model = HostModel("std", 32, 2.6, 384, 8000)
-    started = time.perf_counter()
-    result = plan(servers, [model], headroom_pct=20, reserve=1)
-    assert time.perf_counter() - started < 5
+    result = plan(servers, [model], headroom_pct=20, reserve=1)   # speed: bench/planner.py
     assert sorted(result.placements) == sorted(s.name for s in servers)
     for host in result.hosts:                            # never over usable capacity
         assert all(pct <= 80.0 + 1e-6 for pct in host.utilization_pct.values()), host
