@@ -37,7 +37,8 @@ def print_cluster(data: dict[str, Any]) -> None:
     for m in data.get("etcd", []):
         out.print(f"  etcd {m['name']:<6} {'voter' if m['voter'] else 'learner':<8}"
                   f" {'reachable' if m['reachable'] else 'UNREACHABLE':<12}"
-                  f"{' leader' if m['leader'] else ''}", markup=False)
+                  f"{' leader' if m['leader'] else ''}"
+                  f"{' witness' if m.get('witness') else ''}", markup=False)
     for h in data.get("hosts", []):
         age = "-" if h["lease_age_s"] is None else f"{h['lease_age_s']}/{h['lease_ttl_s']} s"
         vms = [v["name"] for v in data.get("vms", []) if v["host"] == h["name"]]

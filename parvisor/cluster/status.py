@@ -9,7 +9,8 @@ the number to watch against the TTL.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
+from urllib.parse import urlparse
 
 from parvisor.cluster.env import ClusterUnavailable
 from parvisor.cluster.etcd_env import parse_snapshot
@@ -29,6 +30,7 @@ def cluster_status(kv: EtcdKV, cluster: str, shared_storage: Path | None = None)
     leases = {item.key.rsplit("/", 1)[1]: item.lease for item in items
               if item.key.startswith(keys.under("members"))}
     hosts = [_host(kv, snap, name, leases.get(name)) for name in sorted(snap.hosts)]
+    mark_witnesses(etcd, snap.hosts.values())
     vms = []
     for uuid in sorted(snap.vms, key=lambda u: snap.vms[u].name):
         vm, owner = snap.vms[uuid], snap.owners.get(uuid)
@@ -61,6 +63,36 @@ def _host(kv: EtcdKV, snap: Any, name: str, lease: int | None) -> dict[str, Any]
             "lease_age_s": age, "lease_ttl_s": ttl, "shared_storage": record.shared_storage,
             "memory_bytes": record.memory_bytes, "cpus": record.cpus,
             "manager": snap.manager == name}
+
+
+def host_addresses(records: Iterable[Any]) -> set[str] | None:
+    """The addresses the hosts are reached at (cluster API, migration), or None when a
+    host published neither (then no member can be told apart from a host's)."""
+    addresses = set()
+    for record in records:
+        found = {urlparse(record.api_url).hostname if record.api_url else None,
+                 (record.migration or {}).get("migration_address") or None} - {None}
+        if not found:
+            return None
+        addresses |= found
+    return addresses
+
+
+def mark_witnesses(members: list[dict[str, Any]], records: Iterable[Any]) -> None:
+    """``witness`` on each etcd member: True for a member that runs on no host (a vote
+    for quorum only, e.g. ``cluster witness serve`` at a third site), None if unknown.
+
+    A member is a host's when it carries the host's name (the lab) or listens at one of
+    the hosts' addresses (``cluster create`` names members m1, m2, …)."""
+    records = list(records)
+    names = {record.name for record in records}
+    addresses = host_addresses(records)
+    for member in members:
+        at = {urlparse(url).hostname for url in member.get("client_urls", [])}
+        if member["name"] in names or (addresses is not None and at & addresses):
+            member["witness"] = False
+        else:
+            member["witness"] = None if addresses is None else True
 
 
 def etcd_members(kv: EtcdKV) -> list[dict[str, Any]]:

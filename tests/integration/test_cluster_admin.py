@@ -214,6 +214,8 @@ def test_create_join_status_leave(machines):
     assert set(etcd) == {"m1", "m2", "m3"}
     assert all(e["voter"] and e["reachable"] for e in etcd.values())
     assert sum(e["leader"] for e in etcd.values()) == 1
+    # the member on no host is named as the witness (members m1..m3 in a, b, w order)
+    assert {name for name, e in etcd.items() if e["witness"]} == {"m3"}
 
     # TLS is really on: a client without a certificate is refused
     no_cert = EtcdKV([f"https://{w.ip}:2379"], timeout_s=2.0,

@@ -859,13 +859,11 @@ function clusterPage() {
 }
 
 function clusterSummary(status) {
-  const hostNames = new Set(status.hosts.map((x) => x.name));
   const voters = status.etcd.filter((m) => m.voter);
-  // The status names no witness: when etcd members are named after the hosts (as the
-  // lab does), a member that is no host is a witness (quorum only, no VMs); with other
-  // names (m1, m2, …) the page cannot tell and says so.
-  const namedAfterHosts = status.etcd.some((m) => hostNames.has(m.name));
-  const witnesses = status.etcd.filter((m) => !hostNames.has(m.name));
+  // witness: true = a member on no host (quorum only), null = the hosts published no
+  // address, so the status cannot tell (parvisor/cluster/status.py mark_witnesses)
+  const unknown = status.etcd.some((m) => m.witness === null);
+  const witnesses = status.etcd.filter((m) => m.witness);
   const rows = [
     ["Cluster", status.cluster],
     ["Quorum", status.quorum ? "yes" : `NO${status.error ? ": " + status.error : ""}`],
@@ -873,7 +871,7 @@ function clusterSummary(status) {
     ["Voting members", `${voters.filter((m) => m.reachable).length} of ${voters.length} ` +
       `reachable: ${voters.map((m) => m.name + (m.leader ? " (leader)" : "") +
         (m.reachable ? "" : " (unreachable)")).join(", ") || "–"}`],
-    ["Witness", !namedAfterHosts ? "not known (etcd members are not named after hosts)"
+    ["Witness", unknown ? "not known (a host published no address)"
       : witnesses.map((m) => `${m.name}: ${m.reachable ? "reachable" : "unreachable"}` +
         (m.voter ? "" : " (learner)")).join(", ") || "none"],
     ["This host", status.this_host ? status.this_host.name : state.host]];
