@@ -19,6 +19,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from parvisor.cluster.env import ClusterUnavailable
 from parvisor.cluster.etcd_kv import cmp_mod, op_delete
 from parvisor.cluster.local_host import reset_for_takeover
 from parvisor.cluster.migration_host import MigrationHostActions
@@ -64,6 +65,14 @@ class ClusterVmManager(MigrationHostActions, VmManager):
     def _cluster_doc(self, kind: str, vm_uuid: str) -> tuple[dict | None, int]:
         item = self.store.kv.get(f"{self.store.keys.prefix}{kind}/{vm_uuid}")
         return (json.loads(item.value), item.mod_revision) if item else (None, 0)
+
+    def hosts_of_vms(self) -> dict[str, str]:
+        prefix = f"{self.store.keys.prefix}owner/"
+        try:
+            items, _ = self.store.kv.get_prefix(prefix)
+        except ClusterUnavailable:
+            return {}          # the page shows "-" until etcd answers again
+        return {item.key[len(prefix):]: json.loads(item.value)["host"] for item in items}
 
     def status(self, record: VmRecord) -> VmStatus:
         base = super().status(record)

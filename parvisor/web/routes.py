@@ -120,13 +120,14 @@ def _page_routes(app: FastAPI) -> None:
 def vm_summaries(service: Any) -> list[dict[str, Any]]:
     """The list page's columns, from the store and runtimes only: ``VmStatus`` would
     run ``qemu-img info`` on changed disks, too slow to do several times a second."""
-    summaries = []
+    summaries, hosts = [], service.vms.hosts_of_vms()
     for record in service.store.list_vms():
         definition = record.definition
         runtime = service.vms.runtimes.get(record.uuid)
         process = runtime.process if runtime else None
         summaries.append({
             "name": definition.name, "state": record.state.value,
+            "host": hosts.get(record.uuid, "-"),
             "vcpus": definition.vcpus, "memory_bytes": definition.memory_bytes,
             "memory_current_bytes": runtime.memory_current_bytes if process else None,
             "heartbeat": runtime.heartbeat if process else "unknown",

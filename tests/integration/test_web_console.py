@@ -158,6 +158,8 @@ def test_list_updates_live_and_filters(browser, console_host):
     console_host.cli("vm", "start", "live1")          # changed elsewhere: the CLI
     expect(row.locator("td.state [data-state]")).to_have_attribute("data-state", "running")
     assert page.evaluate("window.__sameDocument") is True
+    shown = console_host.vm("live1")                   # the list's host column is vm show's
+    expect(row.locator("td.host")).to_have_text(shown["host"])
     page.fill("#vm-filter", "other")
     expect(page.locator("#vm-rows tr")).to_have_count(1)
     expect(page.locator("#vm-rows tr")).to_have_attribute("data-vm", "other2")

@@ -140,6 +140,8 @@ def _check_pages(lab, browser, port: int) -> None:
     expect(page.locator("#migration-progress")).to_have_attribute("value", "1")
     page.screenshot(path=str(ARTIFACTS / "vm-migrated.png"), full_page=True)
     assert json.loads(lab.on("h1", "vm", "show", "cv1", "--json").stdout)["host"] == "h2"
+    page.goto("/ui/")                     # h1's VM list names the host the VM runs on
+    expect(page.locator("tr[data-vm=cv1] td.host")).to_have_text("h2")
     lab.on("h2", "vm", "turn-off", "cv1")
     context.close()
 

@@ -149,8 +149,9 @@ function listen() {
 
 // --- VM list -------------------------------------------------------------------------
 const COLUMNS = [
-  ["name", "Name"], ["state", "State"], ["vcpus", "vCPUs"], ["memory_bytes", "Memory"],
-  ["uptime_s", "Uptime"], ["heartbeat", "Heartbeat"]];
+  ["name", "Name"], ["state", "State"], ["host", "Host"], ["vcpus", "vCPUs"],
+  ["memory_bytes", "Memory"], ["uptime_s", "Uptime"], ["heartbeat", "Heartbeat"],
+  ["ha", "HA"]];
 
 function listPage() {
   const view = {sort: "name", descending: false, filter: "", stateFilter: ""};
@@ -202,10 +203,12 @@ function vmRow(vm) {
   return h("tr", {"data-vm": vm.name},
     h("td", {}, h("a", {href: `/ui/vms/${encodeURIComponent(vm.name)}`}, vm.name)),
     h("td", {class: "state"}, badge(vm.state)),
+    h("td", {class: "host"}, vm.host || "–"),
     h("td", {class: "num"}, vm.vcpus),
     h("td", {class: "num"}, bytes(vm.memory_current_bytes ?? vm.memory_bytes)),
     h("td", {class: "num uptime"}, duration(liveUptime(vm))),
-    h("td", {}, badge(vm.heartbeat)));
+    h("td", {}, badge(vm.heartbeat)),
+    h("td", {class: "ha"}, vm.ha ? "HA" : ""));
 }
 
 // --- one VM --------------------------------------------------------------------------
