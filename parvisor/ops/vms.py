@@ -150,6 +150,9 @@ class VmManager(LifecycleActions):
         definition = self._definition_from(request)
         # + the tiny guest's differencing boot disk and the cloud-init seed, if asked for
         definition, media, image = vm_media.plan_for(definition, request, self.config)
+        if request.boot_order is not None:       # may name the planned media ("boot")
+            definition = validated_definition({**definition.model_dump(),
+                                               "boot_order": request.boot_order})
         # The VM's own empty disks appear only together with the record: a refused or
         # failed store write removes them again.
         with disk_ops.created_vm_disks(definition, request.new_disks, self._qemu_user()), \
@@ -170,8 +173,6 @@ class VmManager(LifecycleActions):
                 "ha_priority": request.ha_priority, "anti_affinity": request.anti_affinity,
                 "preferred_hosts": tuple(request.preferred_hosts),
                 **vm_media.platform_fields(request)}
-        if request.boot_order is not None:
-            data["boot_order"] = request.boot_order
         if request.max_vcpus:
             data["max_vcpus"] = request.max_vcpus
         if request.max_memory:

@@ -76,11 +76,10 @@ def test_a_nic_first_in_the_boot_order_network_boots(host):
     # disk (bootindex 1), which works: reaching iPXE proves the order was applied.
     switch = f"pxe{secrets.token_hex(3)}"
     host.cli("switch", "create", switch, "--type", "private")
+    # the order may name the tiny boot disk "boot", which `vm create` itself adds
     vm = host.create_tiny("pxe", "--boot", "disk", "--generation", "2",
-                          "--nic", f"{switch},model=e1000")
+                          "--nic", f"{switch},model=e1000", "--boot-order", "nic0,boot")
     mac = vm["nics"][0]["mac"]
-    # set afterwards: `vm create` checks --boot-order before the tiny disk "boot" exists
-    host.cli("vm", "set", "pxe", "--boot-order", "nic0,boot")
     assert host.vm("pxe")["boot_order"] == ["nic0", "boot"]
     host.cli("vm", "start", "pxe")
     # iPXE opens the NIC it boots from: "net0: <mac> using 82540em on 0000:..."
