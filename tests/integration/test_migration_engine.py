@@ -109,6 +109,7 @@ async def _greater(value, than: int) -> bool:
     return (await value) > than
 
 
+@pytest.mark.slow   # CI budget: test_migration_lab moves a disk with a running VM in CI
 async def test_shared_nothing_copies_the_disk(tiny_image, qemus: QemuSet) -> None:
     work = short_state_dir("pvd-")
     qemus.dirs.append(work)

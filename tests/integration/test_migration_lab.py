@@ -135,7 +135,7 @@ def finished(proc: subprocess.Popen, timeout: float = 120) -> dict[str, Any]:
 
 
 # --- the guest keeps running --------------------------------------------------------------
-@pytest.mark.parametrize("rounds", [3, pytest.param(10, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("rounds", [2, pytest.param(10, marks=pytest.mark.slow)])
 def test_busy_guest_migrates_back_and_forth_without_noticing(lab, rounds):
     name = f"mv1r{rounds}"
     vm_uuid = start_vm(lab, name, "h1")
@@ -210,6 +210,7 @@ def test_bad_requests_are_refused_and_change_nothing(lab):
 
 
 # --- faults ---------------------------------------------------------------------------------
+@pytest.mark.slow   # CI budget: the engine test kills a destination in CI
 def test_destination_qemu_killed_mid_stream_leaves_the_source_running(lab):
     vm_uuid = start_vm(lab, "mv3", "h1")
     proc = start_migration(lab, "h2", "mv3", "--to", "h2", "--bandwidth", SLOW)
@@ -331,7 +332,8 @@ def test_shared_nothing_moves_the_disk_with_the_running_vm(lab):
 SLOW_TIER = pytest.mark.slow
 CRASH_POINTS = [
     # (crash point in parvisor/migration/coordinator.py, the host whose service dies)
-    pytest.param("migration.source.before_switch", "h1", id="source-before-switch"),
+    pytest.param("migration.source.before_switch", "h1", id="source-before-switch",
+                 marks=SLOW_TIER),
     pytest.param("migration.dest.before_resume", "h2", id="dest-before-resume"),
     pytest.param("migration.source.after_preparing", "h1", id="source-after-preparing",
                  marks=SLOW_TIER),
@@ -447,6 +449,7 @@ def test_quick_migration_saves_moves_and_restores(lab):
 
 
 # --- refusals by the destination's published facts ------------------------------------------
+@pytest.mark.slow   # CI budget: the refusals are unit-tested (test_migration_compat)
 def test_accelerator_mismatch_and_missing_switch_are_refused_before_anything_moves(lab):
     # a switch created now exists on h1 only (h2 creates switches at its start)
     lab.on("h1", "switch", "create", "pvmigsw", "--type", "private")
