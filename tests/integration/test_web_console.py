@@ -10,33 +10,22 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 playwright_sync = pytest.importorskip("playwright.sync_api")
 from playwright.sync_api import Page, expect  # noqa: E402
 
+from parvisor.testing.browser import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, free_port  # noqa: E402
 from parvisor.testing.host_fixture import HostUnderTest  # noqa: E402
 
 pytestmark = pytest.mark.qemu
-CHROMIUM = "/usr/bin/chromium"
-ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts" / "web_console"
 TOKEN = "test-token-0123456789"
 ADMIN, VIEWER = ("ada", "admin-password-1"), ("val", "viewer-password-1")
 XSS = '<img src=x onerror="window.__xss=1"><script>window.__xss=2</script>'
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                 "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]
 
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _add_user(host: HostUnderTest, name: str, password: str, role: str) -> None:
@@ -48,7 +37,7 @@ def _add_user(host: HostUnderTest, name: str, password: str, role: str) -> None:
 @pytest.fixture(scope="module")
 def console_host(tiny_image):
     host = HostUnderTest()
-    port = _free_port()
+    port = free_port()
     host.state_dir.mkdir(parents=True, exist_ok=True)
     (host.state_dir / "config.toml").write_text(
         f'console_listen = "127.0.0.1:{port}"\napi_tokens = ["{TOKEN}"]\n')

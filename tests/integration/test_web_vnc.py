@@ -22,16 +22,12 @@ from playwright.sync_api import Page, expect  # noqa: E402
 from websockets.exceptions import InvalidStatus  # noqa: E402
 from websockets.sync.client import connect as ws_connect  # noqa: E402
 
+from parvisor.testing.browser import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, free_port  # noqa: E402
 from parvisor.testing.host_fixture import HostUnderTest, wait_for  # noqa: E402
 
 pytestmark = pytest.mark.qemu
-CHROMIUM = "/usr/bin/chromium"
-ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts" / "web_console"
 ADMIN, VIEWER = ("vnc-admin", "admin-password-1"), ("vnc-viewer", "viewer-password-1")
 VM = "gfx1"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                 "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]
 # how many distinct colours the canvas has (a flat screen has 1), read in the page
 CANVAS_FACTS = """() => {
     const canvas = document.querySelector('#screen canvas');
@@ -44,16 +40,11 @@ CANVAS_FACTS = """() => {
 }"""
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def vnc_host(tiny_image):
     host = HostUnderTest()
-    port = _free_port()
+    port = free_port()
     host.state_dir.mkdir(parents=True, exist_ok=True)
     (host.state_dir / "config.toml").write_text(f'console_listen = "127.0.0.1:{port}"\n')
     for (name, password), role in ((ADMIN, "administrator"), (VIEWER, "viewer")):

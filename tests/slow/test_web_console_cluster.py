@@ -18,7 +18,6 @@ import json
 import os
 import shlex
 import shutil
-import socket
 import sys
 from pathlib import Path
 
@@ -27,23 +26,14 @@ import pytest
 playwright_sync = pytest.importorskip("playwright.sync_api")
 from playwright.sync_api import expect  # noqa: E402
 
+from parvisor.testing.browser import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, free_port  # noqa: E402
 from parvisor.testing.host_fixture import wait_for  # noqa: E402
 from parvisor.testing.lab_fixture import running_lab  # noqa: E402
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(shutil.which("etcd") is None, reason="needs etcd-server")]
-CHROMIUM = "/usr/bin/chromium"
-ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts" / "web_console"
 TOKEN = "lab-console-token-0123456789"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                 "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]
 
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _serve_console(lab, host: str, port: int) -> None:
@@ -75,7 +65,7 @@ def test_cluster_page_on_a_two_host_lab(tiny_image, tmp_path):
     if not os.path.exists(CHROMIUM):
         pytest.skip("Debian's chromium is not installed (./setup.sh install)")
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
+    port = free_port()
     with running_lab(2) as lab:
         _serve_console(lab, "h1", port)
         lab.on("h1", "vm", "create", "cv1", "--image", "tiny")
