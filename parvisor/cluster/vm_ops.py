@@ -66,7 +66,7 @@ class ClusterVmManager(MigrationHostActions, VmManager):
         item = self.store.kv.get(f"{self.store.keys.prefix}{kind}/{vm_uuid}")
         return (json.loads(item.value), item.mod_revision) if item else (None, 0)
 
-    def hosts_of_vms(self) -> dict[str, str]:
+    def hosts_of_vms(self, records: list[VmRecord]) -> dict[str, str]:
         prefix = f"{self.store.keys.prefix}owner/"
         try:
             items, _ = self.store.kv.get_prefix(prefix)

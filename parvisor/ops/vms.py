@@ -93,10 +93,10 @@ class VmManager(LifecycleActions):
             return None
 
     # --- reading ----------------------------------------------------------------------
-    def hosts_of_vms(self) -> dict[str, str]:
+    def hosts_of_vms(self, records: list[VmRecord]) -> dict[str, str]:
         """uuid -> the host a VM runs on (or is placed on): here, every VM is this host's.
-        One cheap read for list pages (a cluster reads all owner records at once)."""
-        return {record.uuid: self.config.host_name for record in self.store.list_vms()}
+        For list pages: a cluster reads all owner records in one range."""
+        return {record.uuid: self.config.host_name for record in records}
 
     def status(self, record: VmRecord) -> VmStatus:
         d, runtime = record.definition, self.runtimes.get(record.uuid)

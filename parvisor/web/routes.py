@@ -120,8 +120,9 @@ def _page_routes(app: FastAPI) -> None:
 def vm_summaries(service: Any) -> list[dict[str, Any]]:
     """The list page's columns, from the store and runtimes only: ``VmStatus`` would
     run ``qemu-img info`` on changed disks, too slow to do several times a second."""
-    summaries, hosts = [], service.vms.hosts_of_vms()
-    for record in service.store.list_vms():
+    records = service.store.list_vms()
+    summaries, hosts = [], service.vms.hosts_of_vms(records)
+    for record in records:
         definition = record.definition
         runtime = service.vms.runtimes.get(record.uuid)
         process = runtime.process if runtime else None
