@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import enum
 import json
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any
 
@@ -135,6 +135,19 @@ class ReplicationRecord:
     export_uri: str | None = None          # the replica's NBD export (nbd:host:port:…)
     primary_stopped: bool = False          # disabling: the primary dropped its jobs
     reason: str = ""                       # why broken / failed over / disabled
+    # host -> {disk id: image path}: each host's copy (the primary's are the paths it
+    # runs the VM from; a replica writes its own when it creates them)
+    images: dict[str, dict[str, str]] = field(default_factory=dict)
+    # disk id -> the replica's NBD export of that disk (nbd://IP:PORT), this generation
+    exports: dict[str, str] = field(default_factory=dict)
+    # async cycles, a handshake through this record: the replica opens cycle n's
+    # overlays (cycle_open = n, exports point at them), the primary ships into them
+    # (cycle_shipped = n, shipped_at = the point in time shipped), the replica commits
+    # them into its images (cycle_committed = n, last_consistent_at = shipped_at)
+    cycle_open: int = 0
+    cycle_shipped: int = 0
+    cycle_committed: int = 0
+    shipped_at: float | None = None
     revision: int = 0
 
     # --- (de)serialisation ----------------------------------------------------------
@@ -190,12 +203,15 @@ class ReplicationRecord:
         (its copy is stale from now on and must never start)."""
         return self.to(State.FAILED_OVER, primary=self.replica, replica=self.primary,
                        generation=self.generation + 1, force_failover=False,
-                       bytes_done=0, bytes_behind=0, export_uri=None, reason=reason)
+                       bytes_done=0, bytes_behind=0, export_uri=None, reason=reason,
+                       exports={}, cycle_open=0, cycle_shipped=0, cycle_committed=0,
+                       shipped_at=None)
 
     def reversed_to(self, replica: str, *, incremental: bool) -> "ReplicationRecord":
         """Re-establish replication from the new primary to ``replica``."""
         return self.to(State.RESYNCING, replica=replica, full_resync=not incremental,
-                       bytes_done=0, export_uri=None, reason="")
+                       bytes_done=0, export_uri=None, reason="", exports={},
+                       cycle_open=0, cycle_shipped=0, cycle_committed=0, shipped_at=None)
 
 
 def may_run(record: ReplicationRecord | None, host: str) -> bool:

@@ -48,6 +48,9 @@ class Keys:
     def checkpoint_current(self, vm: str) -> str: return f"{self.prefix}ckptcur/{vm}"
     def checkpoint_seq(self, vm: str) -> str: return f"{self.prefix}ckptseq/{vm}"
     def migration(self, uuid: str) -> str: return f"{self.prefix}migration/{uuid}"
+    def replication(self, uuid: str) -> str: return f"{self.prefix}replication/{uuid}"
+    # the host whose local storage holds a VM's disks (absent: shared storage)
+    def disk_host(self, uuid: str) -> str: return f"{self.prefix}diskhost/{uuid}"
 
     @property
     def event_seq(self) -> str: return f"{self.prefix}eventseq"
