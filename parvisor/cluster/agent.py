@@ -6,7 +6,8 @@ tick: keep the lease alive (recording when the last successful keepalive was *se
 fence by the deadline when it could not, feed the watchdog, campaign for manager, and
 reconcile local QEMUs against the owner records.
 
-Never: start a VM without a live lease and a fresh owner record naming this host; kill a
+Never: start a VM without a live lease and a fresh owner record naming this host, or one
+whose replication record names another host as its primary (a stale copy); kill a
 VM because etcd is unreachable before the deadline (a blip must change nothing); write a
 status without the owner revision it read (a woken frozen agent's writes are rejected).
 """
@@ -20,6 +21,7 @@ from parvisor.cluster.fencing import (LocalVm, fence_deadline, must_fence, orpha
 from parvisor.cluster.manager import DecideFn, Manager
 from parvisor.cluster.model import ClusterPolicy, OwnerPhase, VmPhase
 from parvisor.cluster.decide import decide
+from parvisor.replication.protocol import may_run
 
 
 class Agent:
@@ -38,6 +40,7 @@ class Agent:
         self.manager: Manager | None = None
         self._adopted: set[str] = set()
         self._names: dict[str, str] = {}      # uuid -> name, from the last snapshot (logs)
+        self._not_primary: set[str] = set()   # start refused by replication (logged once)
 
     # --- one tick -------------------------------------------------------------------
     def tick(self) -> None:
@@ -183,11 +186,25 @@ class Agent:
         elif running and uuid not in self._adopted:
             self.env.log(f"{self.record.name}: adopted {vm.name} (r{owner.revision}, "
                          "already running)")
-        elif not running and want:
+        elif not running and want and self._replica_allows(snapshot, vm):
             self._maybe_start(vm, current, owner.revision)
         elif not running and owner.phase == OwnerPhase.STOP and (
                 current is None or current.phase != VmPhase.STOPPED):
             self._status(uuid, VmStatus(VmPhase.STOPPED, owner.revision))
+
+    def _replica_allows(self, snapshot: Snapshot, vm: ClusterVm) -> bool:
+        """Defence in depth (GEN): the failover txn moves owner and replication record
+        together, so an owner naming us with a record naming another primary means
+        something is wrong; its copy here is stale, never start it."""
+        record = snapshot.replications.get(vm.uuid)
+        if may_run(record, self.record.name):
+            self._not_primary.discard(vm.uuid)
+            return True
+        if vm.uuid not in self._not_primary and record is not None:
+            self._not_primary.add(vm.uuid)
+            self.env.log(f"{self.record.name}: not starting {vm.name}: replication names "
+                         f"{record.primary} its primary (generation {record.generation})")
+        return False
 
     def _maybe_start(self, vm: ClusterVm, current: VmStatus | None, revision: int) -> None:
         if current is None or vm.uuid in self.fenced_vms:

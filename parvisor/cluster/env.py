@@ -59,6 +59,8 @@ class ClusterVm:
     anti_affinity: str | None = None
     preferred_hosts: tuple[str, ...] = ()
     on_shared_storage: bool = True
+    # the host whose local storage holds the disks (``diskhost/<uuid>``); None: shared
+    disk_host: str | None = None
 
 
 @dataclass(frozen=True)

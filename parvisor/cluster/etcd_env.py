@@ -4,8 +4,10 @@ QEMUs and watchdog. Implements ``parvisor.cluster.env.ClusterEnv``.
 What for: the agent and manager (``agent.py``, ``manager.py``) run on this in
 production. Every ownership change and status write is a transaction compared on the
 owner key's mod revision (the fencing token); a failover additionally requires the old
-owner's membership key to be absent (its lease expired). ``read`` is one range over
-the cluster prefix, so a snapshot is one etcd revision.
+owner's membership key to be absent (its lease expired). A failover to a replica moves
+the owner, the replication record and the disk host in ONE transaction (both compares
+hold, or nothing changes). ``read`` is one range over the cluster prefix, so a snapshot
+is one etcd revision.
 
 Never: decide anything, or retry a write after a timeout (it may have committed).
 ``parvisor.cluster.local_host`` is the ``LocalHost`` over the service's VmManager.
@@ -24,6 +26,7 @@ from parvisor.cluster.etcd_kv import (EtcdKV, KeyValue, cmp_absent, cmp_mod, op_
                                       op_put, parse_kvs)
 from parvisor.cluster.fencing import LocalVm
 from parvisor.cluster.model import Owner, OwnerPhase, Priority, VmPhase
+from parvisor.replication.protocol import ReplicationRecord
 from parvisor.store.etcd import Keys
 
 
@@ -104,6 +107,30 @@ class EtcdEnv:
         ok, revision, _ = self.kv.txn(compare, [op_put(self.keys.owner(vm_uuid), body)])
         return revision if ok else None
 
+    def fail_over_to_replica(self, vm_uuid: str, expected_revision: int,
+                             replication_revision: int, host: str,
+                             record: ReplicationRecord, require_absent: str) -> int | None:
+        """One txn: the owner and replication keys unchanged since read, the old
+        primary's membership gone; then owner=<host> run, the record (its new
+        generation) and diskhost=<host> (the VM now runs from that host's image)."""
+        keys = self.keys
+        compare = [cmp_mod(keys.owner(vm_uuid), expected_revision),
+                   cmp_mod(keys.replication(vm_uuid), replication_revision),
+                   cmp_absent(keys.member(require_absent))]
+        owner = json.dumps({"host": host, "phase": OwnerPhase.RUN.value})
+        ok, revision, _ = self.kv.txn(compare, [
+            op_put(keys.owner(vm_uuid), owner),
+            op_put(keys.replication(vm_uuid), record.to_json()),
+            op_put(keys.disk_host(vm_uuid), host)])
+        return revision if ok else None
+
+    def write_replication(self, vm_uuid: str, expected_revision: int,
+                          record: ReplicationRecord) -> bool:
+        key = self.keys.replication(vm_uuid)
+        ok, _, _ = self.kv.txn([cmp_mod(key, expected_revision)],
+                               [op_put(key, record.to_json())])
+        return ok
+
     def write_status(self, vm_uuid: str, status: VmStatus) -> bool:
         body = json.dumps({"phase": status.phase.value, "revision": status.revision,
                            "reason": status.reason, "retryable": status.retryable})
@@ -178,7 +205,9 @@ def parse_snapshot(keys: Keys, items: list[KeyValue], revision: int,
         doc = json.loads(kv.value)
         statuses[uuid] = VmStatus(VmPhase(doc["phase"]), doc["revision"], doc["reason"],
                                   doc["retryable"])
-    vms = {uuid: _cluster_vm(uuid, kv, by_kind.get("hapolicy", {}).get(uuid), shared_storage)
+    disk_hosts = {uuid: kv.value.decode() for uuid, kv in by_kind.get("diskhost", {}).items()}
+    vms = {uuid: _cluster_vm(uuid, kv, by_kind.get("hapolicy", {}).get(uuid), shared_storage,
+                             disk_hosts.get(uuid))
            for uuid, kv in by_kind.get("vm", {}).items()}
     manager = by_kind.get("manager", {}).get("")
     migrations = {}
@@ -186,15 +215,19 @@ def parse_snapshot(keys: Keys, items: list[KeyValue], revision: int,
         doc = json.loads(kv.value)
         migrations[uuid] = (doc["phase"], doc["source"],
                             doc.get("options", {}).get("live", True))
+    replications = {uuid: ReplicationRecord.from_json(kv.value, kv.mod_revision)
+                    for uuid, kv in by_kind.get("replication", {}).items()}
     return Snapshot(revision, hosts, frozenset(by_kind.get("members", {})),
                     frozenset(by_kind.get("maint", {})), vms, owners, statuses,
-                    manager.value.decode() if manager else None, migrations)
+                    manager.value.decode() if manager else None, migrations, replications)
 
 
 def _cluster_vm(uuid: str, kv: KeyValue, policy: KeyValue | None,
-                shared_storage: Path | None = None) -> ClusterVm:
+                shared_storage: Path | None = None,
+                disk_host: str | None = None) -> ClusterVm:
     """The definition carries the HA policy (schema v5); an old ``hapolicy/`` key, if
-    any, still wins for the fields it names."""
+    any, still wins for the fields it names. A ``diskhost/`` key says the disks are on
+    that host's local storage, whatever this host's view of the shared path is."""
     doc = json.loads(kv.value)
     definition = doc["definition"]
     ha = json.loads(policy.value) if policy else {}
@@ -206,8 +239,9 @@ def _cluster_vm(uuid: str, kv: KeyValue, policy: KeyValue | None,
         priority=Priority(ha.get("priority", definition.get("ha_priority", "medium"))),
         anti_affinity=ha.get("anti_affinity", definition.get("anti_affinity")),
         preferred_hosts=tuple(preferred),
-        on_shared_storage=ha.get("on_shared_storage",
-                                 disks_on(definition, shared_storage)))
+        on_shared_storage=disk_host is None and ha.get(
+            "on_shared_storage", disks_on(definition, shared_storage)),
+        disk_host=disk_host)
 
 
 def disks_on(definition: dict, shared_storage: Path | None) -> bool:

@@ -160,7 +160,7 @@ def _vm_view(snapshot: Snapshot, memory: ManagerMemory, uuid: str) -> VmView:
         desired_running=vm.desired_running, owner=owner, phase=phase, ha=vm.ha,
         priority=vm.priority, anti_affinity=vm.anti_affinity,
         preferred_hosts=vm.preferred_hosts, on_shared_storage=vm.on_shared_storage,
-        error_reason=reason, retryable_error=retryable,
+        disk_host=vm.disk_host, error_reason=reason, retryable_error=retryable,
         restart_times=tuple(memory.restart_times.get(uuid, ())),
         failover_times=tuple(memory.failover_times.get(uuid, ())),
         migration=_migration_state(snapshot.migrations.get(uuid), owner),

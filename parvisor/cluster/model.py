@@ -113,6 +113,7 @@ class VmView:
     anti_affinity: str | None = None
     preferred_hosts: tuple[str, ...] = ()
     on_shared_storage: bool = True   # False: disks on a host's local storage
+    disk_host: str | None = None     # that host, when known (diskhost/<uuid>)
     error_reason: str = ""
     retryable_error: bool = False    # e.g. "no capacity": try again when it frees up
     restart_times: tuple[float, ...] = ()    # manager clock
