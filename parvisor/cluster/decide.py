@@ -96,10 +96,25 @@ def _decide_vm(vm: VmView, view: ClusterView, fenced: frozenset[str],
 def _place(vm: VmView, view: ClusterView, usage: Usage, *, reason: str,
            exclude: frozenset[str] = frozenset()) -> Decision | None:
     host = choose_host(vm, view, usage, exclude)
+    if host is None and vm.disk_host is not None and not vm.on_shared_storage:
+        return _error(vm, f"{reason}: {_disk_host_refusal(vm, view, usage, exclude)}",
+                      retryable=True)
     if host is None:
         return _error(vm, f"{reason}: no host can take it (memory, storage, "
                           "anti-affinity, maintenance)", retryable=True)
     return PlaceVm(vm.uuid, vm.name, host, vm.owner.host, vm.owner.revision, reason)
+
+
+def _disk_host_refusal(vm: VmView, view: ClusterView, usage: Usage,
+                       exclude: frozenset[str]) -> str:
+    """Why a VM on one host's local storage cannot start: that host's refusal."""
+    where = f"disks on local storage of {vm.disk_host}"
+    host = view.host(vm.disk_host)
+    if host is None:
+        return f"{where}, which is not a cluster host"
+    if host.name in exclude:
+        return f"{where}: it cannot move to another host"
+    return f"{where}: {refusal(host, vm, view, usage) or 'refused'}"
 
 
 def _recover(vm: VmView, view: ClusterView, usage: Usage) -> Decision | None:

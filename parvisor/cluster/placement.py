@@ -3,7 +3,8 @@
 Order of preference: the VM's preferred hosts (in the order given), then the most free
 memory, then the most free vCPUs, then the host name (so ties are deterministic).
 Anti-affinity groups are hard: two running VMs of one group never share a host (guest
-cluster nodes must survive a host loss). Never reads a clock or the environment.
+cluster nodes must survive a host loss). A VM whose disks are on one host's local
+storage (``disk_host``) runs there only. Never reads a clock or the environment.
 """
 
 from __future__ import annotations
@@ -67,7 +68,11 @@ def refusal(host: HostView, vm: VmView, view: ClusterView, usage: Usage, *,
             # only the newest generation's primary may run it (a failover moves both)
             return f"not the primary of its replica set (generation {replica_set.generation})"
     if not disks_on_host and vm.on_shared_storage is False:
-        return "disks on local storage"
+        if vm.disk_host is None:
+            return "disks on local storage"
+        if host.name != vm.disk_host:
+            return f"disks on local storage of {vm.disk_host}"
+        disks_on_host = True            # its own disks: shared storage is moot there
     if not disks_on_host and not host.shared_storage:
         return "no shared storage"
     if usage.free_memory(host) < vm.memory_bytes:
