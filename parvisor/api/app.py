@@ -29,6 +29,7 @@ from parvisor.api.checkpoint_routes import install_checkpoint_routes
 from parvisor.web import install_web
 from parvisor.api.cluster_routes import install_cluster_routes
 from parvisor.api.migration_routes import install_migration_routes
+from parvisor.api.replication_routes import install_replication_routes
 from parvisor.api.forward import ForwardingMiddleware
 from parvisor.api.vnc_routes import install_vnc_routes
 from parvisor.web.guard import WebSocketTokenGuard
@@ -61,6 +62,7 @@ def create_app(service: Any, *, tokens: tuple[str, ...] | None = None,
     install_checkpoint_routes(app, service)   # checkpoints, clone, export/import
     install_cluster_routes(app, service)      # cluster status, host drain/resume
     install_migration_routes(app, service)    # live migration between cluster hosts
+    install_replication_routes(app, service)  # VM disk replication between cluster hosts
     install_vnc_routes(app, service)          # WS /v1/vms/NAME/display (graphical console)
     install_inventory_routes(app, service)    # read-only: VM counters, disk listing
     install_web(app, service, console=console)   # /metrics; pages + sessions if console

@@ -13,8 +13,9 @@ host name in their id (``job-<host>-<n>``).
 
 Rules (``route_of``, ``choose``: pure):
 * a request carrying ``X-Parvisor-Forwarded-By`` is never forwarded again (loop guard);
-* served where it arrives: ``GET /v1/vms/NAME``, start, shutdown, turn-off and the
-  migration routes (cluster-aware already), and any VM without an owner elsewhere;
+* served where it arrives: ``GET /v1/vms/NAME``, start, shutdown, turn-off, the
+  migration routes and the replication routes but enable (cluster-aware already), and
+  any VM without an owner elsewhere;
 * owner is a live member → forwarded; owner not a member and the VM active → 503
   naming the host (it may still run there); not active → served here (definition only);
 * the owner does not answer (connect timeout) or leaves the cluster while we wait for
@@ -50,7 +51,11 @@ _JOB_PATH = re.compile(r"^/v1/jobs/job-(.+)-(\d+)$")
 # (method, rest of the path after /v1/vms/NAME): answered by any member
 SERVED_ANYWHERE = {("GET", ""), ("POST", "/start"), ("POST", "/shutdown"),
                    ("POST", "/turn-off"), ("POST", "/migrate"), ("GET", "/migration"),
-                   ("POST", "/migration/cancel")}
+                   ("POST", "/migration/cancel"),
+                   # replication: etcd only (enabling reads the disks: forwarded); a
+                   # failover is asked for precisely when the owner is down
+                   ("GET", "/replication"), ("DELETE", "/replication"),
+                   ("POST", "/replication/failover")}
 # never copied to the owner: ours (auth, loop guard) or per connection
 _DROP_REQUEST = {"host", "authorization", "cookie", "content-length", "connection",
                  "transfer-encoding", FORWARDED_HEADER, "x-csrf-token"}

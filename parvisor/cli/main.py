@@ -148,6 +148,7 @@ def main() -> None:
     from parvisor.cli import checkpoint_commands  # noqa: F401  (checkpoint, clone, export)
     from parvisor.cli import cluster_commands, lab_commands  # noqa: F401  (cluster, lab)
     from parvisor.cli import migration_commands  # noqa: F401  (vm migrate)
+    from parvisor.cli import replication_commands  # noqa: F401  (vm replication)
     from parvisor.cli import user_commands  # noqa: F401  (web console users)
     try:
         app()
