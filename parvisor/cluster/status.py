@@ -15,6 +15,7 @@ from urllib.parse import urlparse
 from parvisor.cluster.env import ClusterUnavailable
 from parvisor.cluster.etcd_env import parse_snapshot
 from parvisor.cluster.etcd_kv import EtcdKV
+from parvisor.replication.protocol import ReplicationRecord, protection
 from parvisor.store.etcd import Keys
 
 
@@ -41,9 +42,17 @@ def cluster_status(kv: EtcdKV, cluster: str, shared_storage: Path | None = None)
                     "desired": "running" if vm.desired_running else "off",
                     "phase": current.phase.value if current else "pending",
                     "reason": current.reason if current else "",
-                    "protected": vm.ha and vm.on_shared_storage})
+                    **_protection(vm, snap.replications.get(uuid))})
     return {"cluster": cluster, "quorum": True, "revision": revision, "etcd": etcd,
             "manager": snap.manager, "hosts": hosts, "vms": vms}
+
+
+def _protection(vm: Any, record: ReplicationRecord | None) -> dict[str, Any]:
+    """Whether a failover would happen now, and the wording ``vm show`` uses."""
+    wording = protection(vm.ha, vm.on_shared_storage, record)
+    return {"protected": wording.startswith("protected"), "protection": wording,
+            "disk_host": vm.disk_host,
+            "replication": record.public() if record is not None else None}
 
 
 def _host(kv: EtcdKV, snap: Any, name: str, lease: int | None) -> dict[str, Any]:

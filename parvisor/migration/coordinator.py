@@ -451,13 +451,15 @@ class MigrationCoordinator:
                 await asyncio.sleep(POLL_S)
 
     def _definition_change(self, record: MigrationRecord) -> tuple[list[dict], list[dict]]:
-        """Shared-nothing: the definition names the destination's disk files from the
-        switch on (same txn as the owner)."""
+        """Shared-nothing: the definition names the destination's disk files, and the
+        disk host is the destination, from the switch on (same txn as the owner)."""
         if not record.dest_disks:
             return [], []
         vm = self.store.get_vm_by_uuid(record.vm_uuid)
-        return self.store.definition_txn_parts(
+        compares, ops = self.store.definition_txn_parts(
             with_disk_paths(vm.definition, record.dest_disks), vm)
+        return compares, [*ops, op_put(self.keys.disk_host(record.vm_uuid),
+                                       record.destination)]
 
     async def _drop_copy(self, record: MigrationRecord, runtime: Any) -> None:
         """After the switch: quit the paused source copy and unplug its taps (``_settle``

@@ -300,6 +300,7 @@ class VmStatus(BaseModel):
     preferred_hosts: list[str] = []
     ha_status: str = ""         # cluster: protected / not protected / error, with why
     migration: str = ""         # cluster: a live migration in flight ("h1 -> h2, performing")
+    replication: str = ""       # cluster: "sync h1 -> h2, in-sync (generation 1)"; "" none
     auto_start_action: AutoStartAction
     auto_start_delay_s: int
     auto_stop_action: AutoStopAction

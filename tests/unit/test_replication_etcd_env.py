@@ -7,14 +7,18 @@ from __future__ import annotations
 
 import json
 import uuid
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from parvisor.cluster.etcd_env import EtcdEnv
 from parvisor.cluster.etcd_kv import op_put
 from parvisor.cluster.model import OwnerPhase
-from parvisor.model.vm import VmDefinition
+from parvisor.cluster.vm_ops import ClusterVmManager, replication_line
+from parvisor.model.vm import DiskSpec, VmDefinition
 from parvisor.replication.protocol import Mode, ReplicationRecord, State
+from parvisor.store.base import VmRecord
 from parvisor.store.etcd import EtcdStore
 
 KERNEL = {"kind": "kernel", "kernel": "/k", "initrd": None, "cmdline": ""}
@@ -114,3 +118,84 @@ def test_write_replication_is_conditioned_on_the_record_revision(cluster):
     assert env.write_replication(vm, record.revision, broken)
     assert not env.write_replication(vm, record.revision, record)     # stale now
     assert env.read().replications[vm].state == State.BROKEN
+
+
+# --- the host side (ClusterVmManager) on the same etcd ---------------------------------
+def _manager(etcd, host: str, shared: Path | None) -> ClusterVmManager:
+    """The parts of a ClusterVmManager these paths use: store, host name, shared path."""
+    manager = object.__new__(ClusterVmManager)
+    manager.store = EtcdStore(etcd.kv(), f"c{uuid.uuid4().hex[:8]}")
+    manager.config = SimpleNamespace(host_name=host)
+    manager.shared_storage = shared
+    manager.migrations = None
+    return manager
+
+
+def _vm_with_disk(manager: ClusterVmManager, path: Path) -> VmRecord:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"")
+    definition = VmDefinition(name="web", boot=KERNEL, ha=True,
+                              disks=[DiskSpec(id="disk0", path=str(path))])
+    return manager.store.create_vm(definition)
+
+
+def test_a_vm_created_with_local_disks_runs_where_they_are(etcd, tmp_path):
+    manager = _manager(etcd, "h1", tmp_path / "shared")
+    record = _vm_with_disk(manager, tmp_path / "local" / "web.qcow2")
+    manager.event("created", "web: created", record)
+    assert manager.disk_host(record.uuid) == "h1"
+    assert manager._ha_status(record, None) == "not protected: disks on local storage"
+    other = _manager(etcd, "h2", tmp_path / "shared")
+    other.store = manager.store
+    other.event("edited", "web: edited", record)      # never claimed by another host
+    assert manager.disk_host(record.uuid) == "h1"
+
+
+def test_shared_disks_and_disks_this_host_lacks_record_no_disk_host(etcd, tmp_path):
+    manager = _manager(etcd, "h1", tmp_path / "shared")
+    shared = _vm_with_disk(manager, tmp_path / "shared" / "web.qcow2")
+    manager.event("created", "web: created", shared)
+    assert manager.disk_host(shared.uuid) is None
+    assert manager._ha_status(shared, None) == "protected"
+    elsewhere = shared.definition.model_copy(update={"disks": (
+        DiskSpec(id="disk0", path=str(tmp_path / "not-here" / "web.qcow2")),)})
+    edited = manager.store.update_definition(elsewhere, shared.generation)
+    manager.event("edited", "web: edited", edited)     # the file is on another host
+    assert manager.disk_host(shared.uuid) is None
+
+
+def test_without_shared_storage_every_disk_is_local(etcd, tmp_path):
+    manager = _manager(etcd, "h1", None)
+    record = _vm_with_disk(manager, tmp_path / "local" / "web.qcow2")
+    manager.event("created", "web: created", record)
+    assert manager.disk_host(record.uuid) == "h1"
+
+
+def test_the_new_primary_starts_from_its_replica_images(etcd, tmp_path):
+    manager = _manager(etcd, "h2", None)
+    record = _vm_with_disk(manager, tmp_path / "h1" / "web.qcow2")
+    image = str(tmp_path / "h2" / "replicas" / "disk0.qcow2")
+    replication = ReplicationRecord(record.uuid, "web", Mode.SYNC, primary="h2",
+                                    replica="h1", generation=2, state=State.FAILED_OVER,
+                                    images={"h1": {"disk0": record.definition.disks[0].path},
+                                            "h2": {"disk0": image}})
+    manager.store.kv.txn([], [op_put(manager.store.keys.replication(record.uuid),
+                                     replication.to_json())])
+    started = manager._on_replica_images(record)
+    assert [d.path for d in started.definition.disks] == [image]
+    assert manager.store.get_vm_by_uuid(record.uuid).definition.disks[0].path == image
+    assert manager._on_replica_images(started) == started      # nothing left to change
+    assert "no replica since the failover" in manager._ha_status(started, None,
+                                                                 replication)
+    assert replication_line(replication) == "sync h2 -> h1, failed-over (generation 2)"
+
+
+def test_the_old_primary_keeps_its_paths(etcd, tmp_path):
+    manager = _manager(etcd, "h1", None)
+    record = _vm_with_disk(manager, tmp_path / "h1" / "web.qcow2")
+    replication = ReplicationRecord(record.uuid, "web", Mode.ASYNC, primary="h2",
+                                    replica="h1", interval_s=30, state=State.LAGGING,
+                                    images={"h2": {"disk0": "/elsewhere.qcow2"}})
+    manager.store.kv.txn([], [op_put(manager.store.keys.replication(record.uuid),
+                                     replication.to_json())])
+    assert manager._on_replica_images(record) == record
