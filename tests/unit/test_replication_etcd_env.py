@@ -12,10 +12,13 @@ from types import SimpleNamespace
 
 import pytest
 
+from parvisor.cluster.agent import Agent
+from parvisor.cluster.env import HostRecord
 from parvisor.cluster.etcd_env import EtcdEnv
 from parvisor.cluster.etcd_kv import op_put
-from parvisor.cluster.model import OwnerPhase
+from parvisor.cluster.model import ClusterPolicy, OwnerPhase
 from parvisor.cluster.vm_ops import ClusterVmManager, replication_line
+from parvisor.model.states import VmState
 from parvisor.model.vm import DiskSpec, VmDefinition
 from parvisor.replication.protocol import Mode, ReplicationRecord, State
 from parvisor.store.base import VmRecord
@@ -199,3 +202,51 @@ def test_the_old_primary_keeps_its_paths(etcd, tmp_path):
     manager.store.kv.txn([], [op_put(manager.store.keys.replication(record.uuid),
                                      replication.to_json())])
     assert manager._on_replica_images(record) == record
+
+
+class _Host(_Quiet):
+    """This host's processes: none run; starts are recorded, never performed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.started: list[str] = []
+        self.lease: int | None = None
+
+    def local_vms(self) -> list:
+        return []
+
+    def start_vm(self, vm) -> None:
+        self.started.append(vm.name)
+
+    def feed_watchdog(self, deadline: float, vm_uuids: list[str]) -> None:
+        pass
+
+    def save_lease(self, lease_id: int | None) -> None:
+        self.lease = lease_id
+
+    def load_lease(self) -> int | None:
+        return self.lease
+
+
+def test_the_agent_never_starts_a_copy_whose_record_names_another_primary(etcd):
+    name, host = f"c{uuid.uuid4().hex[:8]}", _Host()
+    kv = etcd.kv()
+    env = EtcdEnv(kv, name, "h1", host)
+    store = EtcdStore(kv, name)
+    record = store.create_vm(VmDefinition(name="db", boot=KERNEL, ha=True))
+    store.set_state(record.uuid, VmState.OFF, "", desired_state="running")
+    env.change_owner(record.uuid, 0, "h1", OwnerPhase.RUN, None)     # owner: us
+    replication = ReplicationRecord(record.uuid, "db", Mode.SYNC, primary="h2",
+                                    replica="h1", generation=3, state=State.IN_SYNC)
+    kv.txn([], [op_put(env.keys.replication(record.uuid), replication.to_json())])
+    agent = Agent(env, HostRecord("h1", 8 << 30, 4), ClusterPolicy())
+    try:
+        for _ in range(3):
+            agent.next_keepalive = float("-inf")
+            agent.tick()
+        assert host.started == []
+        refusals = [line for line in host.lines if "not starting db" in line]
+        assert refusals == ["h1: not starting db: replication names h2 its primary "
+                            "(generation 3)"]
+    finally:
+        env.lease_revoke(agent.lease_id)
