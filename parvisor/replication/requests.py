@@ -135,6 +135,7 @@ class ReplicationRequests:
         refused_anyway = shared or (existing is not None and existing.state != State.DISABLED)
         if not refused_anyway:      # these refusals come from enable_request below
             self._check_primary(name, primary, disks)
+            self._check_not_migrating(vm)
         disk_bytes = 0 if refused_anyway else sum(self.disk_size(d) for d in disks)
         record, note = enable_request(vm.uuid, name, primary or "", mode=mode,
                                       interval=interval, disk_bytes=disk_bytes,
@@ -165,6 +166,15 @@ class ReplicationRequests:
                           f"replication there (this is {self.here})", vm=name, host=primary)
         if not disks:
             raise InvalidInput(f"VM '{name}' has no writable disk to replicate", vm=name)
+
+    def _check_not_migrating(self, vm: Any) -> None:
+        """A migrating VM changes its primary (and disk paths with --with-storage)."""
+        migrations = getattr(self.vms, "migrations", None)
+        current = migrations.read(vm.uuid) if migrations is not None else None
+        if current is not None and not current.terminal:
+            raise Busy(f"VM '{vm.name}' is migrating ({current.source} -> "
+                       f"{current.destination}); enable replication once it ended",
+                       vm=vm.name)
 
     # --- status -----------------------------------------------------------------------
     def status(self, name: str) -> dict[str, Any]:

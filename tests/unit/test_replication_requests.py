@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import pytest
 
 from parvisor.cluster.etcd_kv import op_delete, op_put
-from parvisor.errors import AlreadyExists, InvalidInput, NotFound, Refused, StateError
+from parvisor.errors import AlreadyExists, Busy, InvalidInput, NotFound, Refused, StateError
 from parvisor.model.vm import VmDefinition
 from parvisor.replication.placement import NoReplicaHost
 from parvisor.replication.protocol import Mode, ReplicationRecord, State
@@ -200,6 +200,18 @@ def test_owner_moving_meanwhile_writes_nothing(cluster, monkeypatch):
     with pytest.raises(Refused, match="changed while"):
         requests.enable("web", "sync")
     assert cluster.record(vm) is None
+
+
+def test_a_migrating_vm_is_enabled_after_its_move(cluster):
+    vm = cluster.vm()
+    moving = SimpleNamespace(terminal=False, source="h1", destination="h2")
+    cluster.vms.migrations = SimpleNamespace(read=lambda vm_uuid: moving)
+    with pytest.raises(Busy, match="migrating \\(h1 -> h2\\)"):
+        cluster.requests().enable("web", "sync")
+    assert cluster.record(vm) is None
+    moving.terminal = True
+    cluster.requests().enable("web", "sync")
+    assert cluster.record(vm).state == State.ENABLING
 
 
 # --- status ------------------------------------------------------------------------------
