@@ -277,6 +277,18 @@ class ReplicationRequests:
                 "note": f"recorded: the cluster manager restarts {vm.name} on "
                         f"{record.replica} once {record.primary} is fenced; {verdict.reason}"}
 
+    def acting_host(self, name: str, *, planned: bool = False, test: bool = False,
+                    test_stop: bool = False) -> str | None:
+        """The host whose coordinator carries a failover out: the primary pauses its
+        guest for ``--planned``; the replica boots the throwaway copy of its image for
+        ``--test``/``--test-stop``; None: any member (etcd only, or nothing to read)."""
+        if not (planned or test or test_stop):
+            return None
+        record = self.read(self.vms.store.get_vm(name).uuid)
+        if record is None:
+            return None                 # refused where it arrives: not replicated
+        return record.primary if planned else record.replica
+
     async def _coordinated(self, name: str, *, planned: bool, test: bool) -> dict[str, Any]:
         coordinator = getattr(self.vms, "replication", None)
         what = "planned" if planned else "test" if test else "stopping a test"

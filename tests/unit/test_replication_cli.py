@@ -7,16 +7,19 @@ from __future__ import annotations
 import json
 from types import SimpleNamespace
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
 from parvisor.api import replication_routes
 from parvisor.api.app import create_app
-from parvisor.api.forward import VmRoute, route_of
+from parvisor.api.forward import FORWARDED_HEADER, Forward, Local, VmRoute, route_of
 from parvisor.cli import replication_commands
 from parvisor.cli.main import app
+from parvisor.cluster.etcd_kv import KeyValue
 from parvisor.replication.requests import FailoverRefused
+from parvisor.store.etcd import Keys
 
 STATUS = {
     "vm_name": "web", "mode": "async", "interval_s": 300, "primary": "h1", "replica": "h3",
@@ -113,9 +116,15 @@ def test_failover_takes_one_flag_and_disable_deletes(api):
 # --- API ---------------------------------------------------------------------------------
 class FakeRequests:
     calls: list[tuple] = []
+    members: dict[str, bytes] = {}
 
     def __init__(self, vms) -> None:
-        pass
+        self.keys = Keys("/parvisor/t/")
+        self.kv = SimpleNamespace(get=lambda key: (
+            KeyValue(key, self.members[key], 1, 1) if key in self.members else None))
+
+    def acting_host(self, name, *, planned, test, test_stop):
+        return "h1" if planned else "h3" if test or test_stop else None
 
     def enable(self, *args):
         self.calls.append(("enable", *args))
@@ -135,11 +144,34 @@ class FakeRequests:
         return {"vm_name": name}
 
 
+class FakeForwarder:
+    def __init__(self) -> None:
+        self.sent: list[tuple] = []
+
+    async def decide(self, route):       # the middleware: failover routes stay here
+        assert route is None
+        return Local()
+
+    def headers(self, incoming):
+        return {FORWARDED_HEADER: "h2"}
+
+    async def request(self, target, method, path, headers, body):
+        self.sent.append((target, method, path, json.loads(body)))
+        return httpx.Response(409, json={"error": {"code": "wrong_state", "message": "x",
+                                                   "details": {}}})
+
+
 @pytest.fixture
-def http(monkeypatch):
-    FakeRequests.calls = []
+def service(monkeypatch):
+    FakeRequests.calls, FakeRequests.members = [], {}
     monkeypatch.setattr(replication_routes, "ReplicationRequests", FakeRequests)
-    return TestClient(create_app(SimpleNamespace(vms=None)))
+    return SimpleNamespace(vms=SimpleNamespace(config=SimpleNamespace(host_name="h2")),
+                           forwarder=None)
+
+
+@pytest.fixture
+def http(service):
+    return TestClient(create_app(service))
 
 
 def test_enable_body_is_validated(http):
@@ -160,8 +192,8 @@ def test_enable_body_is_validated(http):
 
 def test_failover_flags_and_refusals_over_http(http):
     assert http.post("/v1/vms/web/replication/failover").status_code == 200
-    assert http.post("/v1/vms/web/replication/failover",
-                     json={"planned": True}).status_code == 200
+    assert http.post("/v1/vms/web/replication/failover",        # standalone-style:
+                     json={"planned": True}).status_code == 200  # no forwarder
     assert [c[2] for c in FakeRequests.calls] == [
         {"force": False, "planned": False, "test": False, "test_stop": False},
         {"force": False, "planned": True, "test": False, "test_stop": False}]
@@ -170,6 +202,27 @@ def test_failover_flags_and_refusals_over_http(http):
     assert refused.json()["error"]["code"] == "failover_refused"
     assert http.delete("/v1/vms/web/replication").status_code == 200
     assert http.get("/v1/vms/web/replication").json() == {"vm_name": "web"}
+
+
+def test_planned_and_test_failover_are_carried_out_by_the_acting_host(service):
+    service.forwarder = FakeForwarder()
+    FakeRequests.members[Keys("/parvisor/t/").member("h1")] = json.dumps(
+        {"api_url": "https://10.0.0.1:8444"}).encode()
+    http = TestClient(create_app(service), raise_server_exceptions=False)
+    planned = http.post("/v1/vms/web/replication/failover", json={"planned": True})
+    assert planned.status_code == 409 and planned.json()["error"]["code"] == "wrong_state"
+    assert service.forwarder.sent == [(Forward("h1", "https://10.0.0.1:8444"), "POST",
+                                       "/v1/vms/web/replication/failover",
+                                       {"planned": True})]
+    # the replica h3 is down: a clear 503 naming it, nothing sent
+    test = http.post("/v1/vms/web/replication/failover", json={"test": True})
+    assert test.status_code == 503 and "h3" in test.json()["error"]["message"]
+    # forwarded to us already, or nothing to forward: carried out here
+    again = http.post("/v1/vms/web/replication/failover", json={"planned": True},
+                      headers={FORWARDED_HEADER: "h2"})
+    assert again.status_code == 200 and len(service.forwarder.sent) == 1
+    assert http.post("/v1/vms/web/replication/failover", json={}).status_code == 200
+    assert [c[2]["planned"] for c in FakeRequests.calls] == [True, False]
 
 
 def test_a_standalone_host_answers_409():

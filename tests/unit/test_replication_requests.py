@@ -366,3 +366,14 @@ def test_wall_clock_skew_never_gives_a_negative_rpo(cluster):
     vm = cluster.vm()
     cluster.put(replicated(vm, State.LAGGING, mode=Mode.ASYNC, last_consistent_at=NOW + 5))
     assert cluster.requests(now=NOW).status("web")["rpo_s"] == 0.0
+
+
+def test_planned_failover_is_the_primarys_and_test_failover_the_replicas(cluster):
+    vm = cluster.vm()
+    requests = cluster.requests()
+    assert requests.acting_host("web", planned=True) is None      # not replicated yet
+    cluster.put(replicated(vm, State.IN_SYNC))
+    assert requests.acting_host("web", planned=True) == "h1"
+    assert requests.acting_host("web", test=True) == "h3"
+    assert requests.acting_host("web", test_stop=True) == "h3"
+    assert requests.acting_host("web") is None                    # etcd only: any member
