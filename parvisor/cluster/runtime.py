@@ -45,6 +45,8 @@ from parvisor.cluster.watchdog import WatchdogClient, process_start_ticks
 from parvisor.config import HostConfig
 from parvisor.errors import ServiceUnavailable
 from parvisor.migration.coordinator import MigrationCoordinator
+from parvisor.replication.coordinator import ReplicationCoordinator
+from parvisor.replication.paths import free_bytes, replica_root
 from parvisor.store.etcd import EtcdStore
 from parvisor.vm.paths import VmPaths, vms_dir
 from parvisor.vm.process import QemuProcess
@@ -87,6 +89,7 @@ class ClusterRuntime:
         self.agent_kv = EtcdKV(list(settings.endpoints), timeout_s=1.0, tls=tls)
         self.agent: Agent | None = None
         self.migrations: MigrationCoordinator | None = None
+        self.replication: ReplicationCoordinator | None = None
         self._stop = threading.Event()
         self._watchdog_pid: int | None = None
         self._watchdog: WatchdogClient | None = None
@@ -144,6 +147,10 @@ class ClusterRuntime:
             max_concurrent=self.settings.max_concurrent_migrations,
             tls_wanted=self.settings.migration_tls, tls_dir=self._migration_tls_dir())
         vms.migrations = self.migrations
+        self.replication = ReplicationCoordinator(
+            vms, self.settings.host, address=self.settings.migration_ip(),
+            root=self.replica_root, tls_dir=self.migrations.tls_dir)
+        vms.replication = self.replication
         local = ServiceLocalHost(vms, asyncio.get_running_loop(), self.dir / "lease",
                                  self._watchdog, self.settings.host,
                                  incoming=self.migrations.incoming)
@@ -153,14 +160,21 @@ class ClusterRuntime:
         thread = threading.Thread(target=self._loop, name="cluster-agent", daemon=True)
         thread.start()
         return [asyncio.create_task(self._supervise(thread)),
-                asyncio.create_task(self.migrations.run(), name="migrations")]
+                asyncio.create_task(self.migrations.run(), name="migrations"),
+                asyncio.create_task(self.replication.run(), name="replication")]
+
+    @property
+    def replica_root(self) -> Path:
+        return replica_root(self.config.storage_roots, self.config.state_dir,
+                            self.settings.shared_storage)
 
     def _host_record(self) -> HostRecord:
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         return HostRecord(self.settings.host, memory, os.cpu_count() or 1,
                           shared_storage=self.settings.shared_storage is not None,
                           site=self.settings.site, migration=self._migration_facts(),
-                          api_url=self.api_url)
+                          api_url=self.api_url,
+                          replica_free_bytes=free_bytes(self.replica_root))
 
     def _migration_tls_dir(self) -> Path | None:
         """QEMU's TLS files for migration streams, issued once from the cluster CA
@@ -219,6 +233,8 @@ class ClusterRuntime:
                     agent.env.lease_revoke(agent.lease_id)
                 agent.env.save_lease(None)
         self._stop_watchdog()
+        if self.replication is not None:
+            self.replication.kill_targets()
 
     # --- the watchdog process -------------------------------------------------------
     @property

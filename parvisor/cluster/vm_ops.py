@@ -54,6 +54,7 @@ class OwnedElsewhere(Refused):
 class ClusterVmManager(MigrationHostActions, VmManager):
     shared_storage: Path | None = None      # set by the cluster runtime
     migrations: Any = None                  # MigrationCoordinator, set by the runtime
+    replication: Any = None                 # ReplicationCoordinator, set by the runtime
 
     def paths(self, vm_uuid: str) -> VmPaths:
         """Saved states live on the cluster's shared storage: any host restores them
@@ -240,6 +241,9 @@ class ClusterVmManager(MigrationHostActions, VmManager):
     # --- called by this host's agent ------------------------------------------------
     async def start_here(self, vm_uuid: str) -> None:
         reset_for_takeover(self.store, vm_uuid, self.config.host_name)
+        if self.replication is not None:
+            # a replica target of this VM here must let go of the images first
+            await self.replication.before_start(vm_uuid)
         record = self._on_replica_images(self.store.get_vm_by_uuid(vm_uuid))
         await super().start(record.name)
 

@@ -676,6 +676,20 @@ async def start_sync(process: QemuProcess, disk_node: str, target_uri: str, *,
     return rep
 
 
+async def stop_sync_leftovers(process: QemuProcess, disk_node: str) -> None:
+    """Jobs and NBD nodes of an earlier ``SyncReplication`` of ``disk_node`` that nobody
+    supervises any more (the host service restarted): cancelled and removed, so a new
+    ``start_sync`` can begin. Its bitmaps stay (they are re-used)."""
+    jobs = await _jobs(process)
+    for job in (f"rpl-b-{disk_node}", f"rpl-m-{disk_node}"):
+        if job in jobs:
+            if jobs[job].get("status") == "concluded":
+                await _execute(process, "job-dismiss", {"id": job})
+            else:
+                await _cancel_job(process, job)
+    await _del_node(process, f"rpl-n-{disk_node}")
+
+
 # --- asynchronous mode ------------------------------------------------------------------
 async def run_async_cycle(process: QemuProcess, disk_node: str, target_uri: str, *,
                           spool_dir: Path, export: str = "disk",
@@ -833,6 +847,7 @@ async def stop_async(process: QemuProcess, disk_node: str) -> None:
 
 
 __all__ = ["ConsistentPoint", "ReplicationProgress", "CycleReport", "SyncReplication",
-           "StallWatch", "BitmapRotation", "start_sync", "run_async_cycle",
+           "StallWatch", "BitmapRotation", "start_sync", "stop_sync_leftovers",
+           "run_async_cycle",
            "confirm_async_cycle", "abandon_async_cycle", "stop_async", "parse_nbd_uri",
            "DEFAULT_STALL_LIMIT_S"]

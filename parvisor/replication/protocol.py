@@ -138,6 +138,7 @@ class ReplicationRecord:
     # host -> {disk id: image path}: each host's copy (the primary's are the paths it
     # runs the VM from; a replica writes its own when it creates them)
     images: dict[str, dict[str, str]] = field(default_factory=dict)
+    disk_sizes: dict[str, int] = field(default_factory=dict)   # disk id -> virtual bytes
     # disk id -> the replica's NBD export of that disk (nbd://IP:PORT), this generation
     exports: dict[str, str] = field(default_factory=dict)
     # async cycles, a handshake through this record: the replica opens cycle n's
@@ -382,8 +383,8 @@ def _replica_step(record: ReplicationRecord, local: LocalFacts) -> Step:
     state = record.state
     if state == S.ENABLING:
         return Step.PREPARE_TARGET
-    if state in RECEIVING:
-        return Step.SERVE_TARGET
+    if state in RECEIVING or state == S.BROKEN:
+        return Step.SERVE_TARGET          # broken: ready for the primary's resync
     if state == S.DISABLING and (record.primary_stopped or not local.peer_is_member):
         return Step.DROP_REPLICA
     return Step.NOTHING

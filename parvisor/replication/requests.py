@@ -136,12 +136,14 @@ class ReplicationRequests:
         if not refused_anyway:      # these refusals come from enable_request below
             self._check_primary(name, primary, disks)
             self._check_not_migrating(vm)
-        disk_bytes = 0 if refused_anyway else sum(self.disk_size(d) for d in disks)
+        sizes = {} if refused_anyway else {d.id: self.disk_size(d) for d in disks}
+        disk_bytes = sum(sizes.values())
         record, note = enable_request(vm.uuid, name, primary or "", mode=mode,
                                       interval=interval, disk_bytes=disk_bytes,
                                       shared_disks=shared, existing=existing,
                                       hosts=self._candidates(), to=to)
         record = replace(record, images={record.primary: {d.id: d.path for d in disks}},
+                         disk_sizes=sizes,
                          stall_limit_s=stall_limit_s or DEFAULT_STALL_LIMIT_S)
         guards = [_guard(self.keys.replication(vm.uuid), existing),
                   _guard(self.keys.owner(vm.uuid), owner_item),
