@@ -1,5 +1,6 @@
-"""Synchronous replication: guest write cost on a replicated vs an unreplicated disk in
-the same guest and run, and the initial sync / incremental resync time of a 1 GiB disk.
+"""Replication engine figures: guest write cost on a disk replicated synchronously and on
+one replicated asynchronously (cycles running) vs an unreplicated disk, in the same guest
+and run, and the initial sync / incremental resync time of a 1 GiB disk.
 
 One tiny TCG guest (192 MiB, 1 vCPU) with three qcow2 data disks on this host:
 ``vdb`` (64 MiB) replicated synchronously to a ``qemu-storage-daemon`` on 127.0.0.1,
@@ -12,13 +13,24 @@ One tiny TCG guest (192 MiB, 1 vCPU) with three qcow2 data disks on this host:
     runs and the ratio replicated/plain.
 (b) Throughput: 32 MiB ``dd bs=1M oflag=direct conv=fsync`` on each disk; MiB/s,
     medians, ratio.
-(c) Initial sync of ``vdd`` (1 GiB of data) into an empty replica: ``start_sync`` until
+(c) Asynchronous mode: ``vdb`` (sync replication stopped, bitmaps gone) is replicated
+    asynchronously into a fresh replica image: a background task runs cycles the way
+    the coordinator does (``begin_cycle`` on the target, ``run_async_cycle``,
+    ``commit_cycle``, ``confirm_async_cycle``), one every ``--async-interval`` seconds
+    (default 2 s, far below the product's 30 s minimum, so measured writes overlap
+    running cycles: the worst case). The same latency and throughput runs as (a)/(b),
+    replicated vs plain, medians and ratios; the cycles run and MiB shipped are printed.
+(d) Initial sync of ``vdd`` (1 GiB of data) into an empty replica: ``start_sync`` until
     in sync. Then the replica is frozen (SIGSTOP) until the replication breaks, the
     guest writes 16 MiB, and ``resync`` runs until in sync again (incremental).
 
-Usage: .venv/bin/python bench/replication.py [--runs 5] [--writes 100] [--skip-1g]
+The engine is measured directly (no cluster, one host, loopback): the CLI's
+``vm replication enable`` drives the same engine calls through the coordinator, whose
+etcd record round trips per async cycle are not in these figures.
+
+Usage: .venv/bin/python bench/replication.py [--runs 5] [--writes 500] [--skip-1g]
+       [--skip-async] [--async-interval 2]
 Every QEMU and daemon started here is stopped by PID; temp dirs are removed.
-Engine only: replication is not reachable from the CLI yet (docs/replication.md).
 """
 
 from __future__ import annotations
@@ -34,7 +46,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from parvisor.migration.engine import free_port  # noqa: E402
-from parvisor.replication.engine import start_sync  # noqa: E402
+from parvisor.replication.engine import (confirm_async_cycle, run_async_cycle,  # noqa: E402
+                                         start_sync, stop_async)
 from parvisor.replication.target import (ReplicaTarget, TargetSpec,  # noqa: E402
                                          create_replica_image)
 from parvisor.storage.qemu_img import create_image  # noqa: E402
@@ -69,6 +82,88 @@ async def start_target(work: Path, image: Path, name: str) -> ReplicaTarget:
         state_dir=work / name))
 
 
+async def measure(agent, replicated: str, plain: str, args: argparse.Namespace
+                  ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """(a) and (b): per-write seconds and MiB/s on each disk, alternating the order."""
+    lat: dict[str, list[float]] = {"replicated": [], "plain": []}
+    thr: dict[str, list[float]] = {"replicated": [], "plain": []}
+    for run in range(args.runs):
+        order = [("replicated", replicated), ("plain", plain)]
+        if run % 2:
+            order.reverse()
+        for name, dev in order:
+            lat[name].append(await timed(agent, latency_script(dev, args.writes))
+                             / args.writes)
+            seconds = await timed(agent, f"dd if=/tmp/blob of={dev} bs=1M"
+                                         f" oflag=direct conv=fsync 2>/dev/null")
+            thr[name].append(32 / seconds)
+    return lat, thr
+
+
+def report(mode: str, lat: dict[str, list[float]], thr: dict[str, list[float]],
+           args: argparse.Namespace) -> None:
+    med = {k: statistics.median(v) for k, v in lat.items()}
+    tmed = {k: statistics.median(v) for k, v in thr.items()}
+    print(f"[{mode}] per-write seconds:",
+          {k: [round(x, 4) for x in v] for k, v in lat.items()})
+    print(f"[{mode}] MiB/s:", {k: [round(x, 1) for x in v] for k, v in thr.items()})
+    print(f"[{mode}] O_DIRECT write 4 KiB (per write, median of {args.runs} runs of"
+          f" {args.writes}): replicated {med['replicated'] * 1000:.2f} ms, plain"
+          f" {med['plain'] * 1000:.2f} ms, ratio {med['replicated'] / med['plain']:.2f}")
+    print(f"[{mode}] dd 32 MiB direct (median): replicated {tmed['replicated']:.1f} MiB/s,"
+          f" plain {tmed['plain']:.1f} MiB/s, ratio"
+          f" {tmed['replicated'] / tmed['plain']:.2f}", flush=True)
+
+
+class AsyncCycles:
+    """Runs async cycles in the background as the coordinator does, without etcd:
+    begin on the replica, ship, commit on the replica, confirm on the primary; a failed
+    cycle is aborted on the replica (its changes stay for the next one)."""
+
+    def __init__(self, vm, node: str, target: ReplicaTarget, spool: Path,
+                 interval_s: float) -> None:
+        self.vm, self.node, self.target = vm, node, target
+        self.spool, self.interval_s = spool, interval_s
+        self.done, self.shipped, self.durations = 0, 0, []
+        self._task: asyncio.Task | None = None
+        self._stopping = asyncio.Event()
+
+    async def cycle(self) -> None:
+        uri = await self.target.begin_cycle()
+        try:
+            result = await run_async_cycle(self.vm, self.node, uri, spool_dir=self.spool)
+            await self.target.commit_cycle()
+        except BaseException:
+            await self.target.abort_cycle()
+            raise
+        await confirm_async_cycle(self.vm, self.node)
+        self.done += 1
+        self.shipped += result.bytes_shipped
+        self.durations.append(result.duration_s)
+
+    async def start(self) -> None:
+        """The first (full) cycle runs before the measurement, then the loop."""
+        self.spool.mkdir(exist_ok=True)
+        await self.cycle()
+        self.done, self.shipped, self.durations = 0, 0, []
+        self._task = asyncio.create_task(self._loop())
+
+    async def _loop(self) -> None:
+        while not self._stopping.is_set():
+            await self.cycle()
+            try:
+                await asyncio.wait_for(self._stopping.wait(), self.interval_s)
+            except asyncio.TimeoutError:
+                pass
+
+    async def stop(self) -> None:
+        """Let the cycle under way finish (a cancelled one would be aborted anyway)."""
+        self._stopping.set()
+        if self._task is not None:
+            await self._task
+        await stop_async(self.vm, self.node)
+
+
 async def main(args: argparse.Namespace) -> None:
     image = tiny_image_for_tests()
     qemus = QemuSet()
@@ -94,27 +189,24 @@ async def main(args: argparse.Namespace) -> None:
         await rep.wait_in_sync(600)
         await sh(agent, THROUGHPUT)
 
-        lat = {"replicated": [], "plain": []}
-        thr = {"replicated": [], "plain": []}
-        for run in range(args.runs):
-            order = [("replicated", replicated), ("plain", plain)]
-            if run % 2:
-                order.reverse()
-            for name, dev in order:
-                lat[name].append(await timed(agent, latency_script(dev, args.writes))
-                                 / args.writes)
-                seconds = await timed(agent, f"dd if=/tmp/blob of={dev} bs=1M"
-                                             f" oflag=direct conv=fsync 2>/dev/null")
-                thr[name].append(32 / seconds)
-        med = {k: statistics.median(v) for k, v in lat.items()}
-        tmed = {k: statistics.median(v) for k, v in thr.items()}
-        print("per-write seconds:", {k: [round(x, 4) for x in v] for k, v in lat.items()})
-        print(f"O_DIRECT write 4 KiB (per write, median of {args.runs} runs of {args.writes}):"
-              f" replicated {med['replicated'] * 1000:.1f} ms, plain"
-              f" {med['plain'] * 1000:.1f} ms, ratio {med['replicated'] / med['plain']:.2f}")
-        print(f"dd 32 MiB direct (median): replicated {tmed['replicated']:.1f} MiB/s, plain"
-              f" {tmed['plain']:.1f} MiB/s, ratio {tmed['replicated'] / tmed['plain']:.2f}")
+        lat, thr = await measure(agent, replicated, plain, args)
+        report("sync", lat, thr, args)
         await rep.stop()
+
+        if not args.skip_async:
+            create_replica_image(work / "r-vdb-async.qcow2", "qcow2", SMALL)
+            target = await start_target(work, work / "r-vdb-async.qcow2", "qsd-vdb-async")
+            targets.append(target)
+            cycles = AsyncCycles(vm, "fmt-vdb", target, work / "spool", args.async_interval)
+            await cycles.start()
+            try:
+                lat, thr = await measure(agent, replicated, plain, args)
+            finally:
+                await cycles.stop()
+            report("async", lat, thr, args)
+            print(f"async cycles while measuring: {cycles.done} committed, "
+                  f"{cycles.shipped >> 20} MiB shipped, cycle time median "
+                  f"{statistics.median(cycles.durations or [0]):.2f} s")
 
         if not args.skip_1g:
             create_replica_image(work / "r-vdd.qcow2", "qcow2", BIG)
@@ -152,4 +244,7 @@ if __name__ == "__main__":
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--writes", type=int, default=500)
     parser.add_argument("--skip-1g", action="store_true")
+    parser.add_argument("--skip-async", action="store_true")
+    parser.add_argument("--async-interval", type=float, default=2.0,
+                        help="seconds between async cycles (the product's minimum: 30)")
     asyncio.run(main(parser.parse_args()))
