@@ -716,3 +716,14 @@ class ReplicationCoordinator:
             raise ReplicationRefused(f"{record.vm_name} changed during the planned "
                                      "failover; nothing moved")
         return revision
+
+    # === test failover (parvisor.replication.test_failover) ===========================
+    async def test_failover(self, name: str) -> dict[str, Any]:
+        """``failover --test`` on this replica host: a throwaway copy boots isolated."""
+        from parvisor.replication.test_failover import start_test_copy
+        return await start_test_copy(self, name)
+
+    async def stop_test_failover(self, name: str) -> dict[str, Any]:
+        """``failover --test-stop``: the test VM, its copies and switch removed."""
+        from parvisor.replication.test_failover import stop_test_copy
+        return await stop_test_copy(self, name)
