@@ -293,6 +293,8 @@ async def start_test_copy(coordinator: Any, name: str) -> dict[str, Any]:
     return {"vm": name, "test_vm": test, "switch": switch, "host": coordinator.host,
             "point": point, "disks": {d: str(p) for d, p in copies.items()},
             "replication": record.state.value,
+            "result": f"test copy {test} of the replica at {point} created on "
+                      f"{coordinator.host}",
             "note": f"{test} starts on {coordinator.host} on the isolated switch {switch};"
                     f" replication of {name} goes on. End it with --test-stop"}
 
