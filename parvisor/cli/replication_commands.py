@@ -121,6 +121,8 @@ def status_rows(r: dict[str, Any]) -> list[tuple[str, str]]:
         rows.append(("stall limit", f"{r['stall_limit_s']:g} s"))
     if r.get("protection"):
         rows.append(("protection", r["protection"]))
+    if r.get("last_failover"):
+        rows.append(("last failover", r["last_failover"]))
     for disk in r.get("disks") or []:
         rows.append((f"disk {disk['id']}", f"{disk.get('primary_path') or '?'} -> "
                      f"{disk.get('replica_path') or '(not created yet)'}"

@@ -149,6 +149,10 @@ class ReplicationRecord:
     cycle_shipped: int = 0
     cycle_committed: int = 0
     shipped_at: float | None = None
+    # the last failover, kept through the re-protection that follows: what it said and
+    # the consistent point it went back to (async: writes after it were lost)
+    last_failover: str = ""
+    failover_point: float | None = None
     revision: int = 0
 
     # --- (de)serialisation ----------------------------------------------------------
@@ -206,7 +210,8 @@ class ReplicationRecord:
                        generation=self.generation + 1, force_failover=False,
                        bytes_done=0, bytes_behind=0, export_uri=None, reason=reason,
                        exports={}, cycle_open=0, cycle_shipped=0, cycle_committed=0,
-                       shipped_at=None)
+                       shipped_at=None, last_failover=reason,
+                       failover_point=self.last_consistent_at)
 
     def reversed_to(self, replica: str, *, incremental: bool) -> "ReplicationRecord":
         """Re-establish replication from the new primary to ``replica``."""

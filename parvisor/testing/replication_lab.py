@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import re
 import threading
+import time
 
 from parvisor.testing.lab_fixture import LabUnderTest
 
@@ -58,22 +59,34 @@ def wait_guest(lab: LabUnderTest, host: str, vm: str) -> None:
 
 class Writer(threading.Thread):
     """Writes records first, first+1, … through ``host``'s CLI until a write fails or
-    ``stop`` is set; ``acked`` holds those whose exec returned success."""
+    ``stop`` is set; ``acked`` holds those whose exec returned success, ``acked_at``
+    the wall time of each acknowledgement, ``spans`` each write's (start, end) on the
+    monotonic clock."""
 
-    def __init__(self, lab: LabUnderTest, host: str, vm: str, first: int) -> None:
+    def __init__(self, lab: LabUnderTest, host: str, vm: str, first: int, *,
+                 timed: bool = False) -> None:
         super().__init__(daemon=True)
         self.lab, self.host, self.vm, self.next = lab, host, vm, first
         self.acked: list[int] = []
+        self.acked_at: list[float] = []
+        self.spans: list[tuple[float, float]] = []
         self.stop = threading.Event()
 
     def run(self) -> None:
         while not self.stop.is_set():
+            started = time.monotonic()
             done = self.lab.on(self.host, "vm", "exec", self.vm, "--", "sh", "-c",
                                record_script(self.next), check=False)
             if done.returncode != 0:
                 return
+            self.acked_at.append(time.time())
+            self.spans.append((started, time.monotonic()))
             self.acked.append(self.next)
             self.next += 1
+
+    def durations_since(self, moment: float) -> list[float]:
+        """How long each write that ended after ``moment`` (monotonic) took."""
+        return [end - start for start, end in self.spans if end > moment]
 
 
 def write_records(lab: LabUnderTest, host: str, vm: str, numbers: range) -> None:

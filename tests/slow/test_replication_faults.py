@@ -1,0 +1,86 @@
+"""Replication faults in the lab (slow tier; issue 9): asynchronous failover across sites
+with the loss bounded by the interval and matching the reported consistent point, and
+a cut replica link (writes stall at most the limit, ``broken``, the VM runs on; healed:
+resync, ``in-sync``). Local storage only; real QEMU (TCG), etcd, qemu-storage-daemon.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+
+import pytest
+
+from parvisor.testing.lab_fixture import running_lab
+from parvisor.testing.replication_lab import (FAILOVER_S, STALL_LIMIT_S, SYNC_S, Writer,
+                                              make_vm, read_records, status, wait_guest, wait_state)
+
+pytestmark = [pytest.mark.slow, pytest.mark.qemu,
+              pytest.mark.skipif(shutil.which("etcd") is None or shutil.which("ip") is None
+                                 or shutil.which("qemu-storage-daemon") is None,
+                                 reason="needs etcd-server, iproute2 and qemu-storage-daemon")]
+INTERVAL_S = 30
+# what "at most the last interval" may exceed it by: the cycle's own shipping and commit
+# plus the record polls (0.25 s each side) on a loaded 2-core box
+CYCLE_MARGIN_S = 15
+# a stalled write's exec: the stall limit + the exec's own round trip (CLI start, agent)
+STALL_MARGIN_S = 4
+
+
+def test_async_failover_to_the_other_site_loses_at_most_an_interval(tiny_image):
+    with running_lab(3, "--witness", "--no-shared-storage", "--site", "A:h1,h2",
+                     "--site", "B:h3") as lab:
+        vm_uuid = make_vm(lab, "ra1", "--mode", "async", "--interval", f"{INTERVAL_S}s")
+        first = wait_state(lab, "h1", "ra1", "in-sync", SYNC_S)
+        assert first["replica"] == "h3", first      # the other site, chosen unasked
+        writer = Writer(lab, "h1", "ra1", 1, timed=True)
+        writer.start()
+        committed = first["cycle_committed"]
+        # keep writing through at least one more cycle, then a little into the next
+        lab.wait(lambda: status(lab, "h1", "ra1").get("cycle_committed", 0) > committed,
+                 INTERVAL_S + CYCLE_MARGIN_S, "a cycle committed while the guest writes",
+                 interval=0.5)
+        lab.wait(lambda: len(writer.acked) >= 5, 60, "records after that cycle")
+        failed_at = time.time()
+        lab.cli("lab", "fail", "h1")
+        writer.join(60)
+        lab.wait(lambda: lab.running_on(vm_uuid) == ["h3"], FAILOVER_S, "ra1 on h3")
+        wait_guest(lab, "h3", "ra1")
+        after = status(lab, "h3", "ra1")
+        point = after["failover_point"]         # what the failover went back to
+        assert after["primary"] == "h3" and after["generation"] == 2, after
+        assert "back to the last consistent point" in after["last_failover"], after
+        present = read_records(lab, "h3", "ra1", max(writer.acked) + 5)
+        acked_at = dict(zip(writer.acked, writer.acked_at))
+        lost = {n for n in writer.acked if n not in present}
+        # up to the consistent point: kept; lost: only writes after it
+        assert all(acked_at[n] > point - 1.0 for n in lost), (point, sorted(lost))
+        assert all(n in present for n, at in acked_at.items() if at < point - 1.0)
+        assert failed_at - point <= INTERVAL_S + CYCLE_MARGIN_S, (failed_at, point)
+        print(f"async failover: consistent point {failed_at - point:.1f} s before the "
+              f"failure, {len(lost)} of {len(writer.acked)} acknowledged records lost")
+
+
+def test_replica_link_cut_stalls_writes_at_most_the_limit_then_resyncs(tiny_image):
+    with running_lab(2, "--witness", "--no-shared-storage") as lab:
+        vm_uuid = make_vm(lab, "rl1", "--mode", "sync", "--to", "h2",
+                          "--stall-limit", str(STALL_LIMIT_S))
+        wait_state(lab, "h1", "rl1", "in-sync", SYNC_S)
+        writer = Writer(lab, "h1", "rl1", 1, timed=True)
+        writer.start()
+        lab.wait(lambda: len(writer.acked) >= 3, 60, "records while in sync")
+        cut_at = time.monotonic()
+        lab.cli("lab", "isolate", "h2")
+        broken = wait_state(lab, "h1", "rl1", "broken", 60)
+        assert "lose" in broken["failover"], broken      # says plainly what it costs
+        lab.wait(lambda: len(writer.durations_since(cut_at)) >= 3, 60,
+                 "records after the cut: the VM writes on alone")
+        slowest = max(writer.durations_since(cut_at))
+        assert slowest <= STALL_LIMIT_S + STALL_MARGIN_S, slowest
+        assert lab.running_on(vm_uuid) == ["h1"]
+        lab.cli("lab", "heal", "h2")
+        wait_state(lab, "h1", "rl1", "in-sync", SYNC_S)
+        writer.stop.set()
+        writer.join(60)
+        assert lab.running_on(vm_uuid) == ["h1"]
+        print(f"replica link cut: slowest write {slowest:.1f} s (limit {STALL_LIMIT_S} s)")
