@@ -7,7 +7,9 @@ without touching the primary or the replica set. Here:
 
 1. each replica image is copied at one point in time by its qemu-storage-daemon
    (``blockdev-backup sync=full``: copy-before-write keeps the point while the primary
-   goes on writing into the image) into ``<replica root>/<uuid>/test-<disk>.qcow2``. In
+   goes on writing into the image) into ``<replica root>/test-copies/<name>-test/
+   <disk>.qcow2`` (not under the VM's uuid: tools that find a VM's QEMU by its uuid in
+   the command line must not take the test VM for a second run of the original). In
    async mode the image node is the one under the open cycle's overlay, i.e. the last
    consistent cycle: exactly what a failover would boot;
 2. a private switch ``<name>-test`` and a VM ``<name>-test`` (not HA, every NIC on that
@@ -78,8 +80,15 @@ def test_switch_name(name: str) -> str:
     return f"{base}{SUFFIX}"
 
 
-def copy_path(root: Path, vm_uuid: str, disk_id: str) -> Path:
-    return Path(root) / vm_uuid / f"test-{disk_id}.qcow2"
+COPIES_DIR = "test-copies"
+
+
+def copy_dir(root: Path, name: str) -> Path:
+    return Path(root) / COPIES_DIR / test_vm_name(name)
+
+
+def copy_path(root: Path, name: str, disk_id: str) -> Path:
+    return copy_dir(root, name) / f"{disk_id}.qcow2"
 
 
 # --- may a test copy be taken now (pure) ------------------------------------------------
@@ -169,6 +178,7 @@ async def copy_replica_image(target: ReplicaTarget, disk_id: str, dest: Path, *,
     serving the primary meanwhile."""
     size = (await asyncio.to_thread(inspect_image, Path(target.spec.image),
                                     target.spec.format)).virtual_size
+    dest.parent.mkdir(parents=True, exist_ok=True)
     dest.unlink(missing_ok=True)                # a leftover of an interrupted attempt
     await asyncio.to_thread(create_image, dest, "qcow2", size)
     add, backup, node, job = backup_commands(disk_id, dest)
@@ -252,7 +262,7 @@ async def _copy_all(coordinator: Any, vm: Any, name: str
         copies: dict[str, Path] = {}
         try:
             for disk in wanted:
-                copies[disk] = copy_path(coordinator.root, vm.uuid, disk)
+                copies[disk] = copy_path(coordinator.root, name, disk)
                 await copy_replica_image(side.targets[disk], disk, copies[disk])
         except BaseException:
             _remove_files(copies.values())
@@ -335,6 +345,8 @@ def _give_to_qemu(vms: Any, paths) -> None:
 def _remove_files(paths) -> None:
     for path in paths:
         Path(path).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            Path(path).parent.rmdir()           # only when empty
 
 
 async def _undo(vms: Any, test: str, switch: str, copies, created: list[str]) -> None:
@@ -359,7 +371,9 @@ async def stop_test_copy(coordinator: Any, name: str) -> dict[str, Any]:
     except NotFound:
         record = None
     if record is not None:
-        copies = [d.path for d in record.definition.disks if d.path and _is_copy(d.path)]
+        here = copy_dir(coordinator.root, name)
+        copies = [d.path for d in record.definition.disks
+                  if d.path and Path(d.path).parent == here]
         await _turn_off(vms, test)
         await vms.delete(test)
         _remove_files(copies)
@@ -375,10 +389,6 @@ async def stop_test_copy(coordinator: Any, name: str) -> dict[str, Any]:
                   "removed)", vms.store.get_vm(name))
     return {"vm": name, "removed": removed,
             "result": f"test failover of {name} ended: {', '.join(removed)} removed"}
-
-
-def _is_copy(path: str) -> bool:
-    return re.fullmatch(r"test-.+\.qcow2", Path(path).name) is not None
 
 
 async def _turn_off(vms: Any, test: str) -> None:

@@ -227,7 +227,8 @@ async def test_a_test_copy_is_a_private_switch_and_a_vm_on_point_in_time_copies(
     answer = await tf.start_test_copy(coordinator, "web")
     vms = coordinator.vms
     assert answer["test_vm"] == "web-test" and answer["host"] == "h2"
-    copies = {d: coordinator.root / UUID / f"test-{d}.qcow2" for d in ("disk0", "data")}
+    copies = {d: coordinator.root / "test-copies" / "web-test" / f"{d}.qcow2"
+              for d in ("disk0", "data")}
     assert answer["disks"] == {d: str(p) for d, p in copies.items()}
     assert all(p.exists() for p in copies.values())
     for disk, target in coordinator.targets.items():
@@ -261,6 +262,7 @@ async def test_test_stop_removes_vm_copies_and_switch_then_says_there_is_none(co
     assert stopped["removed"] == ["VM web-test", "switch web-test"]
     assert vms.log[4:7] == ["off web-test", "delete web-test", "switch web-test deleted"]
     assert not any(Path(p).exists() for p in answer["disks"].values())
+    assert not (coordinator.root / "test-copies" / "web-test").exists()
     assert "web-test" not in vms.vms and vms.switch_defs == {}
     with pytest.raises(NotFound, match="no test failover copy"):
         await tf.stop_test_copy(coordinator, "web")
@@ -270,7 +272,7 @@ async def test_a_failed_copy_leaves_nothing_and_releases_the_record(coordinator)
     coordinator.targets["data"].error = "No space left on device"
     with pytest.raises(ReplicationFailed, match="No space left"):
         await tf.start_test_copy(coordinator, "web")
-    assert list(coordinator.root.glob(f"{UUID}/test-*")) == []
+    assert not (coordinator.root / "test-copies" / "web-test").exists()
     assert coordinator.targets["data"].jobs == {}            # dismissed
     assert ("blockdev-del", {"node-name": "test-copy-data"}) in coordinator.targets["data"].calls
     assert coordinator.vms.log == [] and coordinator.planned == set()
