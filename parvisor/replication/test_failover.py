@@ -393,7 +393,7 @@ async def stop_test_copy(coordinator: Any, name: str) -> dict[str, Any]:
 
 async def _turn_off(vms: Any, test: str) -> None:
     """Off here, or asked of its owner host and waited for."""
-    if vms.store.get_vm(test).state not in ACTIVE_STATES:
+    if (await asyncio.to_thread(vms.store.get_vm, test)).state not in ACTIVE_STATES:
         return
     await vms.turn_off(test)
     loop = asyncio.get_running_loop()

@@ -15,7 +15,9 @@ Hosts: h1, h2 and a witness (three etcd voters, so losing h1 keeps a quorum).
 
 from __future__ import annotations
 
+import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -47,8 +49,11 @@ def test_sync_replica_failover_split_brain_and_planned_failover_back(tiny_image)
         acked = set(range(1, 4)) | set(writer.acked)
         lab.wait(lambda: lab.running_on(vm_uuid) == ["h2"], FAILOVER_S, "rp1 on h2")
         wait_guest(lab, "h2", "rp1")
-        # h2 reads only its own copy: h1's local storage is unreachable now
-        lab.sh("h2", f"test ! -e {lab.lab.local_dir('h1')}/replicas")
+        # h2 reads only its own copy: h1's disk is unreachable now, from h2 and from
+        # the machine itself (lab fail covers h1's local storage)
+        h1_disk = status(lab, "h2", "rp1")["images"]["h1"]["disk0"]
+        lab.sh("h2", f"test ! -e {h1_disk}")
+        assert not Path(h1_disk).exists()
         survived = read_records(lab, "h2", "rp1", max(acked) + 5)
         assert acked <= survived, f"acknowledged records lost: {sorted(acked - survived)}"
         failed_over = status(lab, "h2", "rp1")
@@ -70,3 +75,42 @@ def test_sync_replica_failover_split_brain_and_planned_failover_back(tiny_image)
         assert acked | set(range(top, top + 3)) <= both
         back = wait_state(lab, "h1", "rp1", "in-sync", SYNC_S, replica="h2")
         assert back["primary"] == "h1" and back["generation"] == 3
+
+
+@pytest.mark.slow
+def test_test_failover_boots_an_isolated_copy_while_replication_goes_on(tiny_image):
+    with running_lab(2, "--witness", "--no-shared-storage") as lab:
+        vm_uuid = make_vm(lab, "tf1", "--mode", "sync", "--to", "h2")
+        wait_state(lab, "h1", "tf1", "in-sync", SYNC_S)
+        write_records(lab, "h1", "tf1", range(1, 4))
+
+        # asked on h1 (the primary): carried out by the replica host h2
+        lab.on("h1", "vm", "replication", "failover", "tf1", "--test")
+        test_uuid = lab.vm_uuid("h1", "tf1-test")
+        lab.wait(lambda: lab.running_on(test_uuid) == ["h2"], FAILOVER_S, "tf1-test on h2")
+        wait_guest(lab, "h2", "tf1-test")
+        assert {1, 2, 3} <= read_records(lab, "h2", "tf1-test", 8)
+        shown = json.loads(lab.on("h2", "vm", "show", "tf1-test", "--json").stdout)
+        assert shown["ha_status"] == "not HA" and "test failover" in shown["notes"]
+        switch = _switches(lab, "h2")["tf1-test"]
+        assert switch["definition"]["type"] == "private" and switch["bridge_present"]
+        second = lab.on("h1", "vm", "replication", "failover", "tf1", "--test", check=False)
+        assert second.returncode != 0 and "exists already" in second.stdout + second.stderr
+
+        # the original runs on, replicated: its writes reach the replica, not the copy
+        write_records(lab, "h1", "tf1", range(4, 6))
+        assert lab.running_on(vm_uuid) == ["h1"]
+        assert status(lab, "h1", "tf1")["state"] == "in-sync"
+        assert {4, 5}.isdisjoint(read_records(lab, "h2", "tf1-test", 8))
+
+        lab.on("h1", "vm", "replication", "failover", "tf1", "--test-stop")
+        assert lab.on("h1", "vm", "show", "tf1-test", check=False).returncode != 0
+        assert "tf1-test" not in _switches(lab, "h2")
+        assert lab.running_on(test_uuid) == []
+        assert status(lab, "h1", "tf1")["state"] == "in-sync"
+        assert lab.running_on(vm_uuid) == ["h1"]
+
+
+def _switches(lab, host: str) -> dict[str, dict]:
+    listed = json.loads(lab.on(host, "switch", "list", "--json").stdout)
+    return {s["definition"]["name"]: s for s in listed}
