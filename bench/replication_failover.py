@@ -115,6 +115,11 @@ def run_lab(mode: str, runs: int) -> list[dict]:
                 print(f"  [{mode}] trial {run}: fail {t['failed']} -> {t['to']}: QEMU "
                       f"{t['qemu_s']:.1f} s, agent {t['agent_s']:.1f} s (load {loadavg()})",
                       flush=True)
+    except BaseException:
+        state = cluster(lab)
+        print(f"cluster: quorum {state.get('quorum')} {state.get('error', '')}\n"
+              f"hosts {state.get('hosts')}\nvms {state.get('vms')}", file=sys.stderr)
+        raise
     finally:
         keep_logs(lab)
         lab.down()
