@@ -53,6 +53,7 @@ PROGRESS_WRITE_S = 1.0
 RETRY_S = 3.0                   # after a failed attempt to reach the replica
 PORTS = range(10800, 11000)     # the replica's NBD exports (one per disk)
 PLANNED_SYNC_TIMEOUT_S = 300.0
+BEFORE_START_WAIT_S = 120.0     # a replica's step (e.g. committing a cycle) may finish
 
 
 class ReplicationRefused(Refused):
@@ -616,8 +617,12 @@ class ReplicationCoordinator:
         its replica targets must let go of the images first."""
         task = self.tasks.get(vm_uuid)
         if task is not None and not task.done():
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+            # an async commit of a complete cycle must finish: cut short, it would
+            # leave the image half old, half new (a torn disk)
+            done, _ = await asyncio.wait({task}, timeout=BEFORE_START_WAIT_S)
+            if not done:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         await self._stop_targets(vm_uuid)
 
     async def planned_failover(self, name: str) -> dict[str, Any]:

@@ -26,8 +26,17 @@ RECORD = re.compile(r"rec (\d+)")
 
 
 def record_script(n: int) -> str:
-    return (f"printf '%-4095s\\n' 'rec {n}' | dd of=/dev/vda bs=4096 seek={n} count=1 "
-            "oflag=direct conv=fsync 2>/dev/null")
+    """Write record ``n``; prints the guest's uptime before and after (1/100 s), so a
+    write's own duration is known without the exec round trip around it."""
+    return ("a=$(cut -d' ' -f1 /proc/uptime); "
+            f"printf '%-4095s\\n' 'rec {n}' | dd of=/dev/vda bs=4096 seek={n} count=1 "
+            "oflag=direct conv=fsync 2>/dev/null && "
+            "echo $a $(cut -d' ' -f1 /proc/uptime)")
+
+
+def guest_seconds(output: str) -> float:
+    start, end = (float(x) for x in output.split()[-2:])
+    return end - start
 
 
 def read_records(lab: LabUnderTest, host: str, vm: str, upto: int) -> set[int]:
@@ -70,6 +79,7 @@ class Writer(threading.Thread):
         self.acked: list[int] = []
         self.acked_at: list[float] = []
         self.spans: list[tuple[float, float]] = []
+        self.guest_s: list[float] = []     # each write's duration inside the guest
         self.stop = threading.Event()
 
     def run(self) -> None:
@@ -81,12 +91,14 @@ class Writer(threading.Thread):
                 return
             self.acked_at.append(time.time())
             self.spans.append((started, time.monotonic()))
+            self.guest_s.append(guest_seconds(done.stdout))
             self.acked.append(self.next)
             self.next += 1
 
     def durations_since(self, moment: float) -> list[float]:
-        """How long each write that ended after ``moment`` (monotonic) took."""
-        return [end - start for start, end in self.spans if end > moment]
+        """How long each write whose exec ended after ``moment`` (monotonic) took in
+        the guest."""
+        return [took for (_, end), took in zip(self.spans, self.guest_s) if end > moment]
 
 
 def write_records(lab: LabUnderTest, host: str, vm: str, numbers: range) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -48,8 +49,11 @@ def test_sync_replica_failover_split_brain_and_planned_failover_back(tiny_image)
         acked = set(range(1, 4)) | set(writer.acked)
         lab.wait(lambda: lab.running_on(vm_uuid) == ["h2"], FAILOVER_S, "rp1 on h2")
         wait_guest(lab, "h2", "rp1")
-        # h2 reads only its own copy: h1's local storage is unreachable now
-        lab.sh("h2", f"test ! -e {lab.lab.local_dir('h1')}/replicas")
+        # h2 reads only its own copy: h1's disk is unreachable now, from h2 and from
+        # the machine itself (lab fail covers h1's local storage)
+        h1_disk = status(lab, "h2", "rp1")["images"]["h1"]["disk0"]
+        lab.sh("h2", f"test ! -e {h1_disk}")
+        assert not Path(h1_disk).exists()
         survived = read_records(lab, "h2", "rp1", max(acked) + 5)
         assert acked <= survived, f"acknowledged records lost: {sorted(acked - survived)}"
         failed_over = status(lab, "h2", "rp1")

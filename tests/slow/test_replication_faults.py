@@ -23,8 +23,9 @@ INTERVAL_S = 30
 # what "at most the last interval" may exceed it by: the cycle's own shipping and commit
 # plus the record polls (0.25 s each side) on a loaded 2-core box
 CYCLE_MARGIN_S = 15
-# a stalled write's exec: the stall limit + the exec's own round trip (CLI start, agent)
-STALL_MARGIN_S = 4
+# a stalled write, timed inside the guest: the stall limit + the supervisor's poll and
+# the commit of "broken" to etcd on a loaded 2-core box
+STALL_MARGIN_S = 1.5
 
 
 def test_async_failover_to_the_other_site_loses_at_most_an_interval(tiny_image):
@@ -57,6 +58,8 @@ def test_async_failover_to_the_other_site_loses_at_most_an_interval(tiny_image):
         assert all(acked_at[n] > point - 1.0 for n in lost), (point, sorted(lost))
         assert all(n in present for n, at in acked_at.items() if at < point - 1.0)
         assert failed_at - point <= INTERVAL_S + CYCLE_MARGIN_S, (failed_at, point)
+        # re-protected: a new replica on the remaining host (a full copy)
+        wait_state(lab, "h3", "ra1", "in-sync", SYNC_S, replica="h2")
         print(f"async failover: consistent point {failed_at - point:.1f} s before the "
               f"failure, {len(lost)} of {len(writer.acked)} acknowledged records lost")
 
@@ -83,4 +86,10 @@ def test_replica_link_cut_stalls_writes_at_most_the_limit_then_resyncs(tiny_imag
         writer.stop.set()
         writer.join(60)
         assert lab.running_on(vm_uuid) == ["h1"]
+        # planned failover h1 -> h2 (the CI test covers h2 -> h1): nothing lost
+        lab.on("h1", "vm", "replication", "failover", "rl1", "--planned")
+        lab.wait(lambda: lab.running_on(vm_uuid) == ["h2"], FAILOVER_S, "rl1 on h2")
+        wait_guest(lab, "h2", "rl1")
+        present = read_records(lab, "h2", "rl1", max(writer.acked) + 5)
+        assert set(writer.acked) <= present, sorted(set(writer.acked) - present)
         print(f"replica link cut: slowest write {slowest:.1f} s (limit {STALL_LIMIT_S} s)")
