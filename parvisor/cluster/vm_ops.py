@@ -210,6 +210,12 @@ class ClusterVmManager(MigrationHostActions, VmManager):
             raise Busy(f"VM '{name}' is migrating ({migration.source} -> "
                        f"{migration.destination}, {migration.phase}); cancel it first",
                        vm=name)
+        replication = self.replication_record(record.uuid)
+        if replication is not None:
+            # its replica (images, NBD daemons on another host) would be left behind
+            raise Busy(f"VM '{name}' is replicated to {replication.replica} "
+                       f"({replication.state.value}); disable it first: parvisor vm "
+                       f"replication disable {name}", vm=name)
         result = await super().delete(name, force)
         self.store.kv.txn([], [op_delete(self.store.keys.disk_host(record.uuid))])
         saved = self.paths(record.uuid).saved_state     # on shared storage: not in root

@@ -5,6 +5,7 @@ and the disk host."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from pathlib import Path
@@ -18,6 +19,7 @@ from parvisor.cluster.etcd_env import EtcdEnv
 from parvisor.cluster.etcd_kv import op_put
 from parvisor.cluster.model import ClusterPolicy, OwnerPhase
 from parvisor.cluster.vm_ops import ClusterVmManager, replication_line
+from parvisor.errors import Busy
 from parvisor.model.states import VmState
 from parvisor.model.vm import DiskSpec, VmDefinition
 from parvisor.replication.protocol import Mode, ReplicationRecord, State
@@ -250,3 +252,16 @@ def test_the_agent_never_starts_a_copy_whose_record_names_another_primary(etcd):
                             "(generation 3)"]
     finally:
         env.lease_revoke(agent.lease_id)
+
+
+def test_a_replicated_vm_is_not_deleted_until_replication_is_disabled(etcd, tmp_path):
+    manager = _manager(etcd, "h1", None)
+    record = _vm_with_disk(manager, tmp_path / "h1" / "web.qcow2")
+    replication = ReplicationRecord(record.uuid, "web", Mode.SYNC, primary="h1",
+                                    replica="h2", state=State.IN_SYNC)
+    manager.store.kv.txn([], [op_put(manager.store.keys.replication(record.uuid),
+                                     replication.to_json())])
+    with pytest.raises(Busy, match="replication disable web"):
+        asyncio.run(manager.delete("web"))
+    assert manager.store.get_vm("web").uuid == record.uuid       # nothing changed
+    assert (tmp_path / "h1" / "web.qcow2").exists()
