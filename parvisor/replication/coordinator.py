@@ -56,6 +56,22 @@ PLANNED_SYNC_TIMEOUT_S = 300.0
 BEFORE_START_WAIT_S = 120.0     # a replica's step (e.g. committing a cycle) may finish
 
 
+def write_durably(path: Path, text: str) -> None:
+    """``text`` in ``path``, on disk when this returns (file and directory synced)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
 class ReplicationRefused(Refused):
     code = "replication_refused"
     http_status = 409
@@ -93,6 +109,9 @@ class ReplicationCoordinator:
         self.address = address               # where this host's exports listen
         self.root = Path(root)               # this host's replica storage
         self.tls_dir = tls_dir
+        # the daemons' QMP sockets: the service's run dir (short paths), if it has one
+        config = getattr(vms, "config", None)
+        self.socket_dir = config.state_dir / "run" if config is not None else None
         self.primary: dict[str, PrimarySide] = {}
         self.replica: dict[str, ReplicaSide] = {}
         self.tasks: dict[str, asyncio.Task] = {}
@@ -494,8 +513,38 @@ class ReplicationCoordinator:
                 else replica_image_path(self.root, record.vm_uuid, disk)
                 for disk in record.images.get(record.primary, {})}
 
+    def _commit_marker(self, vm_uuid: str) -> Path:
+        return self.root / vm_uuid / "committing.json"
+
+    async def _replay_interrupted_commit(self, record: ReplicationRecord) -> None:
+        """An async commit this host did not finish (power loss): fold each disk's
+        overlay left on disk in again, with a short-lived daemon per disk; a disk
+        without an overlay had finished (the overlay goes only after the flush)."""
+        marker = self._commit_marker(record.vm_uuid)
+        if not marker.exists():
+            return
+        cycle = json.loads(marker.read_text()).get("cycle")
+        for disk, path in sorted(self._image_paths(record).items()):
+            spec = TargetSpec(image=path, format="qcow2", listen_host=self.address,
+                              port=await asyncio.to_thread(self._free_port),
+                              state_dir=self.root / record.vm_uuid / f"qsd-{disk}",
+                              export_name="disk", tls_dir=self.tls_dir,
+                              socket_dir=self.socket_dir)
+            if not (Path(spec.state_dir) / "cycle.qcow2").exists() or not path.exists():
+                continue
+            target = await ReplicaTarget.start(spec)
+            try:
+                await target.replay_commit()
+            finally:
+                await target.stop()
+            log.warning("replication of %s: commit of cycle %s into %s finished after an "
+                        "interruption", record.vm_name, cycle, path)
+        marker.unlink()
+
     async def _start_targets(self, record: ReplicationRecord) -> ReplicaSide:
         fresh = record.state in (State.ENABLING, State.INITIAL_SYNC) or record.full_resync
+        if not fresh:
+            await self._replay_interrupted_commit(record)
         side = ReplicaSide(record.generation)
         paths = self._image_paths(record)
         try:
@@ -511,7 +560,8 @@ class ReplicationCoordinator:
                 spec = TargetSpec(image=path, format="qcow2", listen_host=self.address,
                                   port=await asyncio.to_thread(self._free_port),
                                   state_dir=self.root / record.vm_uuid / f"qsd-{disk}",
-                                  export_name="disk", tls_dir=self.tls_dir)
+                                  export_name="disk", tls_dir=self.tls_dir,
+                              socket_dir=self.socket_dir)
                 side.targets[disk] = await ReplicaTarget.start(spec)
                 if record.mode == Mode.SYNC:
                     await side.targets[disk].export_live()
@@ -538,8 +588,15 @@ class ReplicationCoordinator:
 
     async def _replica_cycle(self, record: ReplicationRecord, side: ReplicaSide) -> None:
         if side.open_cycle and record.cycle_shipped == side.open_cycle:
+            # a complete cycle: marked durably first, so a power loss during the commit
+            # is finished at the next start instead of leaving a torn image
+            marker = self._commit_marker(record.vm_uuid)
+            await asyncio.to_thread(write_durably, marker, json.dumps(
+                {"cycle": side.open_cycle, "shipped_at": record.shipped_at,
+                 "generation": record.generation}))
             for target in side.targets.values():
                 await target.commit_cycle()
+            await asyncio.to_thread(marker.unlink)
             committed = side.open_cycle
             side.open_cycle = 0
             record = await self.write(record, cycle_committed=committed,
@@ -624,6 +681,9 @@ class ReplicationCoordinator:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
         await self._stop_targets(vm_uuid)
+        record = await asyncio.to_thread(self.read, vm_uuid)
+        if record is not None:
+            await self._replay_interrupted_commit(record)
 
     async def planned_failover(self, name: str) -> dict[str, Any]:
         """Reverse the direction with nothing lost: pause the guest, let the replica

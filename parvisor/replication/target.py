@@ -24,6 +24,7 @@ Order: ``create_replica_image`` (once) -> ``await ReplicaTarget.start(...)`` ->
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import signal
@@ -72,6 +73,16 @@ class TargetSpec:
     export_name: str = "disk"
     tls_dir: Path | None = None
     netns: str | None = None        # run inside this network namespace (tests, lab)
+    # where the QMP socket goes when state_dir is too deep for a UNIX socket path
+    # (108 bytes): e.g. the service's run dir; the file name is derived from state_dir
+    socket_dir: Path | None = None
+
+    @property
+    def qmp_socket(self) -> Path:
+        if self.socket_dir is None:
+            return Path(self.state_dir) / "qsd.qmp"
+        tag = hashlib.sha256(str(self.state_dir).encode()).hexdigest()[:16]
+        return Path(self.socket_dir) / f"qsd-{tag}.qmp"
 
     def validate(self) -> None:
         if self.format not in FORMATS:
@@ -143,7 +154,7 @@ class ReplicaTarget:
 
     @property
     def qmp_socket(self) -> Path:
-        return Path(self.spec.state_dir) / "qsd.qmp"
+        return self.spec.qmp_socket
 
     @property
     def nbd_uri(self) -> str:
@@ -160,7 +171,8 @@ class ReplicaTarget:
         spec.validate()
         state = Path(spec.state_dir)
         state.mkdir(parents=True, exist_ok=True)
-        qmp_socket, pidfile = state / "qsd.qmp", state / "qsd.pid"
+        qmp_socket, pidfile = spec.qmp_socket, state / "qsd.pid"
+        qmp_socket.parent.mkdir(parents=True, exist_ok=True)
         qmp_socket.unlink(missing_ok=True)
         argv = daemon_argv(spec, qmp_socket, pidfile)
         with (state / "qsd.log").open("ab") as out:
@@ -228,7 +240,7 @@ class ReplicaTarget:
         if self._overlay is not None:
             await self.abort_cycle()
         await self.unexport()
-        overlay = Path(self.spec.state_dir) / "cycle.qcow2"
+        overlay = self.overlay_path
         overlay.unlink(missing_ok=True)
         size = inspect_image(Path(self.spec.image), self.spec.format).virtual_size
         # no backing file in the header: the overlay is linked to the image's node at
@@ -292,6 +304,25 @@ class ReplicaTarget:
             if loop.time() >= deadline:
                 raise ReplicationFailed(f"committing the cycle took over {timeout:g} s")
             await asyncio.sleep(0.02)
+
+    @property
+    def overlay_path(self) -> Path:
+        """Where an async cycle's overlay lives (it survives a crash of this host)."""
+        return Path(self.spec.state_dir) / "cycle.qcow2"
+
+    async def replay_commit(self) -> None:
+        """A commit cut short (the host lost power while folding a complete cycle in):
+        fold the overlay left on disk in again. Every block of the overlay is written
+        over the image, so a half-committed image becomes the whole cycle."""
+        overlay = self.overlay_path
+        if not overlay.exists():
+            raise ReplicationFailed(f"no cycle overlay {overlay} to commit again")
+        await self.execute("blockdev-add", {"driver": "file", "node-name": OVERLAY_FILE_NODE,
+                                            "filename": str(overlay)})
+        await self.execute("blockdev-add", {"driver": "qcow2", "node-name": OVERLAY_NODE,
+                                            "file": OVERLAY_FILE_NODE, "backing": IMAGE_NODE})
+        self._overlay = overlay
+        await self.commit_cycle()
 
     async def abort_cycle(self) -> None:
         """Throw the open cycle away: the image stays at the previous consistent point."""
