@@ -196,7 +196,7 @@ class ReplicationCoordinator:
                            peer_is_member=peer in members)
         step = next_step(record, facts)
         if role == "primary":
-            return self._primary_async if record.mode == Mode.ASYNC else self._primary_sync
+            return self._primary
         return {Step.PREPARE_TARGET: self._serve, Step.SERVE_TARGET: self._serve,
                 Step.DROP_REPLICA: self._drop_replica}.get(step)
 
@@ -231,18 +231,23 @@ class ReplicationCoordinator:
         wanted = set(record.images.get(record.primary, {}))
         return {d.id: disk_node_names(d)[1] for d in definition.disks if d.id in wanted}
 
-    # === primary, synchronous ============================================================
+    # === primary ========================================================================
+    async def _primary(self, record: ReplicationRecord, members: set[str]) -> None:
+        if record.state == State.DISABLING:
+            if not record.primary_stopped:
+                await self._stop_jobs(record.vm_uuid)
+                await self.write(record, primary_stopped=True)
+        elif record.state == State.DISABLED:
+            await self._delete_record(record)
+        elif record.mode == Mode.ASYNC:
+            await self._primary_async(record, members)
+        else:
+            await self._primary_sync(record, members)
+
+    # --- synchronous --------------------------------------------------------------------
     async def _primary_sync(self, record: ReplicationRecord, members: set[str]) -> None:
         uuid, state = record.vm_uuid, record.state
         side = self.primary.get(uuid)
-        if state == State.DISABLING:
-            if not record.primary_stopped:
-                await self._stop_jobs(uuid)
-                await self.write(record, primary_stopped=True)
-            return
-        if state == State.DISABLED:
-            await self._delete_record(record)
-            return
         process = self._process(uuid)
         if process is None:
             if side is not None:        # the VM stopped or crashed: the jobs end with it
@@ -389,17 +394,9 @@ class ReplicationCoordinator:
         if record.state == State.IN_SYNC and record.mode == Mode.SYNC:
             await self.write(record, last_consistent_at=time.time())
 
-    # === primary, asynchronous ===========================================================
+    # --- asynchronous -------------------------------------------------------------------
     async def _primary_async(self, record: ReplicationRecord, members: set[str]) -> None:
         uuid, state = record.vm_uuid, record.state
-        if state == State.DISABLING:
-            if not record.primary_stopped:
-                await self._stop_jobs(uuid)
-                await self.write(record, primary_stopped=True)
-            return
-        if state == State.DISABLED:
-            await self._delete_record(record)
-            return
         process = self._process(uuid)
         side = self.primary.get(uuid)
         if side is not None and side.generation != record.generation:

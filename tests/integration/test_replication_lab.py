@@ -76,6 +76,16 @@ def test_sync_replica_failover_split_brain_and_planned_failover_back(tiny_image)
         back = wait_state(lab, "h1", "rp1", "in-sync", SYNC_S, replica="h2")
         assert back["primary"] == "h1" and back["generation"] == 3
 
+        # --- disable: the replica's images and daemons go, the VM runs on -------------
+        replica_image = back["images"]["h2"]["disk0"]
+        assert lab.sh("h2", f"test -e {replica_image}", check=False).returncode == 0
+        assert lab.on("h1", "vm", "delete", "rp1", "--force", check=False).returncode != 0
+        lab.on("h2", "vm", "replication", "disable", "rp1")
+        lab.wait(lambda: not status(lab, "h1", "rp1"), 60, "the replication record gone")
+        assert lab.sh("h2", f"test -e {replica_image}", check=False).returncode != 0
+        assert lab.running_on(vm_uuid) == ["h1"]
+        lab.on("h1", "vm", "delete", "rp1", "--force")
+
 
 @pytest.mark.slow
 def test_test_failover_boots_an_isolated_copy_while_replication_goes_on(tiny_image):
