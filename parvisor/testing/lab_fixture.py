@@ -85,7 +85,7 @@ class LabUnderTest:
         """Hosts with a live QEMU of this VM (pidfile in the host's state dir)."""
         hosts = []
         for name, node in self.lab.state().nodes.items():
-            if node.runs_vms and any(vm_uuid in _cmdline(pid)
+            if node.runs_vms and any(_runs_vm(pid, vm_uuid)
                                      for pid in self.lab.qemu_pids(name)):
                 hosts.append(name)
         if len(hosts) > 1:
@@ -127,6 +127,13 @@ class LabUnderTest:
         assert not mounts.mounts_under(mountinfo, self.dir.resolve()), \
             "mounts left behind"
         assert not self.dir.exists(), "lab dir left behind"
+
+
+def _runs_vm(pid: int, vm_uuid: str) -> bool:
+    """A QEMU of this VM: ``-uuid <vm_uuid>`` on its command line (a path with the
+    uuid in it, e.g. a test-failover copy's disk, does not count)."""
+    args = _cmdline(pid).split()
+    return any(a == "-uuid" and b == vm_uuid for a, b in zip(args, args[1:]))
 
 
 def _cmdline(pid: int) -> str:
