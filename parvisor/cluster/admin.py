@@ -205,8 +205,10 @@ def check_reachable(kv: EtcdKV, endpoints: list[str]) -> None:
 
 def move_definitions(config: HostConfig, settings: ClusterSettings, kv: EtcdKV) -> list[str]:
     """Copy every SQLite VM (with its checkpoints) and switch into etcd; a VM active
-    here becomes owned by this host. Re-running after an interruption skips what an
+    here becomes owned by this host, a VM with disks on local storage gets this host as
+    its disk host. Re-running after an interruption skips what an
     earlier run moved (same VM uuid)."""
+    from parvisor.cluster.vm_ops import local_disk_paths
     from parvisor.store.sqlite import SqliteStore
     if not config.database.exists():
         return []
@@ -228,6 +230,10 @@ def move_definitions(config: HostConfig, settings: ClusterSettings, kv: EtcdKV) 
             _move_checkpoints(local, store, record.uuid)
             if record.state in ACTIVE_STATES:
                 _own_here(kv, keys, record.uuid, settings.host)
+            if local_disk_paths(record.definition, settings.shared_storage):
+                # its disks stay on this host's local storage: it runs here only
+                kv.txn([cmp_absent(keys.disk_host(record.uuid))],
+                       [op_put(keys.disk_host(record.uuid), settings.host)])
         cluster_switches = {doc["name"] for doc in store.list_switches()}
         for doc in local.list_switches():
             # same-named switches are one switch, as in Hyper-V (VMs move between them)

@@ -128,13 +128,7 @@ class ClusterVmManager(MigrationHostActions, VmManager):
                    for disk in record.definition.disks if disk.path)
 
     def local_disks(self, definition: Any) -> list[Path]:
-        """The disk and drive files outside the cluster's shared storage (without one,
-        every file is this host's own)."""
-        paths = [Path(disk.path) for disk in definition.disks if disk.path]
-        if self.shared_storage is None:
-            return paths
-        root = self.shared_storage.resolve()
-        return [path for path in paths if not path.resolve().is_relative_to(root)]
+        return local_disk_paths(definition, self.shared_storage)
 
     # --- where the disks are ---------------------------------------------------------
     def event(self, kind: str, message: str, record: VmRecord | None = None,
@@ -323,3 +317,13 @@ def replication_line(record: ReplicationRecord | None) -> str:
     behind = "" if rpo is None or record.mode == Mode.SYNC else f", {rpo:.0f} s behind"
     return (f"{how} {record.primary} -> {record.replica}, {record.state.value}{behind} "
             f"(generation {record.generation})")
+
+
+def local_disk_paths(definition: Any, shared_storage: Path | None) -> list[Path]:
+    """The disk and drive files outside the cluster's shared storage (without one,
+    every file is this host's own)."""
+    paths = [Path(disk.path) for disk in definition.disks if disk.path]
+    if shared_storage is None:
+        return paths
+    root = shared_storage.resolve()
+    return [path for path in paths if not path.resolve().is_relative_to(root)]

@@ -265,3 +265,30 @@ def test_a_replicated_vm_is_not_deleted_until_replication_is_disabled(etcd, tmp_
         asyncio.run(manager.delete("web"))
     assert manager.store.get_vm("web").uuid == record.uuid       # nothing changed
     assert (tmp_path / "h1" / "web.qcow2").exists()
+
+
+def test_cluster_join_gives_vms_with_local_disks_this_host_as_disk_host(etcd, tmp_path):
+    """Moved in by ``cluster join``: a VM whose disk stays on this host's local storage
+    can only run here; one on shared storage (or without disk files) can run anywhere."""
+    from parvisor.cluster.admin import move_definitions
+    from parvisor.cluster.settings import ClusterSettings
+    from parvisor.config import HostConfig
+    from parvisor.store.sqlite import SqliteStore
+    config = HostConfig(state_dir=tmp_path, host_name="b")
+    shared = tmp_path / "shared"
+    local_store = SqliteStore(config.database)
+    for name, disk in (("local", tmp_path / "local" / "a.qcow2"), ("onshared",
+                                                                   shared / "b.qcow2")):
+        local_store.create_vm(VmDefinition(name=name, boot=KERNEL, disks=[
+            DiskSpec(id="disk0", path=str(disk))]))
+    local_store.create_vm(VmDefinition(name="nodisk", boot=KERNEL))
+    local_store.close()
+    cluster = f"c{uuid.uuid4().hex[:8]}"
+    settings = ClusterSettings(name=cluster, host="b", endpoints=(), ca=tmp_path,
+                               cert=tmp_path, key=tmp_path, shared_storage=shared)
+    kv = etcd.kv()
+    assert sorted(move_definitions(config, settings, kv)) == ["local", "nodisk", "onshared"]
+    store = EtcdStore(kv, cluster)
+    hosts = {vm.name: kv.get(store.keys.disk_host(vm.uuid)) for vm in store.list_vms()}
+    assert hosts["local"].value.decode() == "b"
+    assert hosts["onshared"] is None and hosts["nodisk"] is None
