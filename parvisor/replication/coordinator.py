@@ -163,15 +163,6 @@ class ReplicationCoordinator:
             await self._forget_gone({r.vm_uuid for r in records})
             await asyncio.sleep(POLL_S)
 
-    async def stop(self) -> None:
-        """Service stop: cancel tasks, stop the targets (the VMs are stopped elsewhere)."""
-        self._stopping = True
-        for task in list(self.tasks.values()):
-            task.cancel()
-        await asyncio.gather(*self.tasks.values(), return_exceptions=True)
-        for uuid in list(self.replica):
-            await self._stop_targets(uuid)
-
     def _consider(self, record: ReplicationRecord, members: set[str]) -> None:
         uuid = record.vm_uuid
         task = self.tasks.get(uuid)
@@ -191,12 +182,11 @@ class ReplicationCoordinator:
             return self._release_replica_role      # failed over to us, or moved away
         if role != "primary" and record.vm_uuid in self.primary:
             return self._release_primary_role
-        peer = record.replica if role == "primary" else record.primary
-        facts = LocalFacts(self.host, has_vm=self._process(record.vm_uuid) is not None,
-                           peer_is_member=peer in members)
-        step = next_step(record, facts)
         if role == "primary":
-            return self._primary
+            return self._primary        # every state of both modes: see _primary
+        facts = LocalFacts(self.host, has_vm=self._process(record.vm_uuid) is not None,
+                           peer_is_member=record.primary in members)
+        step = next_step(record, facts)
         return {Step.PREPARE_TARGET: self._serve, Step.SERVE_TARGET: self._serve,
                 Step.DROP_REPLICA: self._drop_replica}.get(step)
 
@@ -644,6 +634,7 @@ class ReplicationCoordinator:
     def kill_targets(self) -> None:
         """Service stop (synchronous): the replica daemons end with the service; a
         restarted service opens new exports and publishes them."""
+        self._stopping = True
         for side in self.replica.values():
             for target in side.targets.values():
                 with contextlib.suppress(ProcessLookupError):
