@@ -25,6 +25,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from parvisor.model.states import VmState
 from parvisor.model.vm import VmStatus
 from parvisor.ops.jobs import JobStatus
+from parvisor.replication.protocol import State as ReplicationState
 from parvisor.vm.argv import tap_name
 
 SCRAPE_BUDGET_S = 2.0
@@ -270,6 +271,43 @@ def cluster_families(view: ClusterView) -> Iterator[Metric]:
     yield GaugeMetricFamily("parvisor_cluster_etcd_voters_reachable", "Voting etcd "
                             "members this host reached.",
                             value=sum(bool(m.get("reachable")) for m in voters))
+    yield from replication_families(status.get("vms", []), time.time())
+
+
+def replication_families(vms: list[dict[str, Any]], now: float) -> Iterator[Metric]:
+    """Per replicated VM (``cluster status`` carries the records): its state (one
+    series per state, 1 for the current one), bytes behind, generation, and the RPO:
+    the seconds of writes a failover now would lose (0: none; async: the age of the last
+    consistent point; absent when unknown)."""
+    records = [(vm["name"], vm["replication"]) for vm in vms if vm.get("replication")]
+    if not records:
+        return
+    state = GaugeMetricFamily("parvisor_replication_state", "1 for the replication state "
+                              "a VM is in.", labels=["vm", "state"])
+    behind = GaugeMetricFamily("parvisor_replication_bytes_behind", "Bytes the replica "
+                               "is behind (copy or resync left, async changes not shipped).",
+                               labels=["vm"])
+    generation = GaugeMetricFamily("parvisor_replication_generation", "The replica set's "
+                                   "generation (one more at every failover).", labels=["vm"])
+    rpo = GaugeMetricFamily("parvisor_replication_rpo_seconds", "Seconds of writes a "
+                            "failover now would lose (0 for sync in-sync).", labels=["vm"])
+    for name, record in records:
+        for candidate in ReplicationState:
+            state.add_metric([name, candidate.value], int(record["state"] == candidate.value))
+        behind.add_metric([name], record.get("bytes_behind") or 0)
+        generation.add_metric([name], record["generation"])
+        seconds = replication_rpo(record, now)
+        if seconds is not None:
+            rpo.add_metric([name], seconds)
+    yield from (state, behind, generation, rpo)
+
+
+def replication_rpo(record: dict[str, Any], now: float) -> float | None:
+    if record["mode"] == "sync" and record["state"] == "in-sync":
+        return 0.0
+    point = record.get("last_consistent_at")
+    usable = record["state"] in ("in-sync", "lagging", "broken")
+    return max(0.0, now - point) if usable and point is not None else None
 
 
 _DISK = ["vm", "device"]

@@ -102,3 +102,34 @@ def test_a_standalone_host_has_no_cluster_figures():
     found = _scrape(None)
     assert not [name for name in found if name.startswith("parvisor_cluster_")]
     assert found["parvisor_vms"]
+
+
+def test_replicated_vms_export_state_bytes_behind_generation_and_rpo():
+    def record(mode, state, point, behind=0, generation=1):
+        return {"mode": mode, "state": state, "last_consistent_at": point,
+                "bytes_behind": behind, "generation": generation}
+    now = 1_800_000_000.0
+    vms = [{"name": "web", "replication": record("sync", "in-sync", now - 500)},
+           {"name": "db", "replication": record("async", "lagging", now - 95, 4096, 2)},
+           {"name": "new", "replication": record("sync", "initial-sync", None, 1 << 20)},
+           {"name": "plain", "replication": None}]
+    families = {f.name: f for f in metrics.replication_families(vms, now)}
+    samples = {name: {tuple(sorted(s.labels.items())): s.value for s in f.samples}
+               for name, f in families.items()}
+    state = samples["parvisor_replication_state"]
+    assert state[(("state", "in-sync"), ("vm", "web"))] == 1
+    assert state[(("state", "broken"), ("vm", "web"))] == 0
+    assert state[(("state", "lagging"), ("vm", "db"))] == 1
+    assert {vm for (_, (_, vm)), v in state.items() if v} == {"web", "db", "new"}
+    assert samples["parvisor_replication_rpo_seconds"] == {(("vm", "web"),): 0.0,
+                                                           (("vm", "db"),): 95.0}
+    assert samples["parvisor_replication_bytes_behind"][(("vm", "new"),)] == 1 << 20
+    assert samples["parvisor_replication_generation"][(("vm", "db"),)] == 2
+    scraped = _scrape(FakeCluster(_status(vms=vms)))      # rendered with the rest
+    assert scraped["parvisor_replication_generation"] == {(("vm", "web"),): 1,
+                                                          (("vm", "db"),): 2,
+                                                          (("vm", "new"),): 1}
+
+
+def test_no_replicated_vm_no_replication_figures():
+    assert list(metrics.replication_families([{"name": "a", "replication": None}], 0)) == []
