@@ -228,8 +228,8 @@ class FailoverToReplica:
 class ReverseReplication:
     """Re-protect a failed-over VM: write ``record`` (state resyncing, the new
     replica) conditioned on replication/<uuid> mod revision == ``replication_revision``.
-    The primary's agent then resyncs (incrementally onto the old primary's stale copy,
-    or in full onto a new host)."""
+    The primary's service then copies every block again: into the old primary's
+    images (its stale copy, which never starts), or into new images on another host."""
 
     vm: str
     vm_name: str
@@ -239,7 +239,7 @@ class ReverseReplication:
 
     def describe(self) -> str:
         r = self.record
-        how = "full copy" if r.full_resync else "incremental, onto its stale copy"
+        how = "full copy" if r.full_resync else "copied again into its stale images"
         note = f"; {self.note}" if self.note else ""
         return (f"re-establish replication of {self.vm_name}: {r.primary} -> {r.replica} "
                 f"({how}; generation {r.generation}, token r{self.replication_revision}"

@@ -771,9 +771,12 @@ class ReplicationEngines:
                         f"{host} replication: {name} target ready")
         elif step in (Step.START_COPY, Step.START_RESYNC):
             self.copy_until[(uuid, host)] = sim.now + COPY_S
-            if record.state == State.BROKEN:
+            was_broken = record.state == State.BROKEN
+            if was_broken:
                 record = record.to(State.RESYNCING)
-            how = "full" if record.full_resync or step == Step.START_COPY else "incremental"
+            # incremental only after a break (the primary's bitmaps); a re-protection
+            # copies every block again, also into an old primary's stale images
+            how = "incremental" if was_broken and not record.full_resync else "full"
             self._write(record, f"{host} replication: {name} {how} copy to "
                                 f"{record.replica} started")
         elif step == Step.SHIP_CHANGES:
