@@ -258,9 +258,11 @@ class ReplicationCoordinator:
         / restarted VM (the copy is redone in full: what the replica missed is unknown)."""
         uuid = record.vm_uuid
         if record.state == State.IN_SYNC:
+            if await self._adopt_mirrors(record, process):
+                return
             # the replica held everything up to when the last jobs ended
             await self.write(record, State.BROKEN, reason="replication jobs restarted "
-                             "(VM or service restart): full resync")
+                             "(VM restart): full resync")
             return
         if not self._exports_ready(record) or not await self._reachable(record):
             return
@@ -279,6 +281,28 @@ class ReplicationCoordinator:
                 before_release=self._release_hook(uuid))
         log.info("replication of %s: copying %d disk(s) to %s", record.vm_name,
                  len(side.sync), record.replica)
+
+    async def _adopt_mirrors(self, record: ReplicationRecord, process) -> bool:
+        """This service restarted while the VM ran on: take over each disk's mirror
+        if it is still in sync (no copy, the record stays in-sync); all or none."""
+        if not self._exports_ready(record):
+            return False
+        side = PrimarySide(record.generation)
+        for disk, node in sorted(self._disk_nodes(record).items()):
+            rep = await engine.adopt_sync(
+                process, node, record.exports[disk], export="disk", tls_dir=self.tls_dir,
+                stall_limit_s=record.stall_limit_s,
+                before_release=self._release_hook(record.vm_uuid))
+            if rep is None:
+                for adopted in side.sync.values():
+                    await adopted.stop()
+                return False
+            side.sync[disk] = rep
+        side.last_in_sync_wall = time.time()
+        self.primary[record.vm_uuid] = side
+        log.info("replication of %s: took over %d running mirror(s) to %s, still in sync",
+                 record.vm_name, len(side.sync), record.replica)
+        return True
 
     async def _reachable(self, record: ReplicationRecord) -> bool:
         """Every export accepts a TCP connection now (else: try again in RETRY_S)."""

@@ -676,6 +676,48 @@ async def start_sync(process: QemuProcess, disk_node: str, target_uri: str, *,
     return rep
 
 
+async def adopt_sync(process: QemuProcess, disk_node: str, target_uri: str, *,
+                     export: str = "disk", tls_dir: Path | None = None,
+                     stall_limit_s: float = DEFAULT_STALL_LIMIT_S,
+                     before_release: ReleaseHook | None = None
+                     ) -> SyncReplication | None:
+    """Take over the synchronous mirror a previous host service left running (it
+    restarted; the VM did not), without copying the disk again; None when there is no
+    such mirror in sync (then the caller copies in full).
+
+    A write-blocking mirror that is ``ready`` and still running has had every guest
+    write on the replica (a failed target write ends the job). With the guest paused no
+    write is in flight: the old mirror is cancelled (its socket and supervisor are gone
+    with the old service), a ``sync=none`` write-blocking mirror on a connection of our
+    own starts, the guest resumes. The replica misses nothing in between."""
+    stall_limit_s = check_stall_limit(stall_limit_s)
+    parse_nbd_uri(target_uri)
+    mirror = (await _jobs(process)).get(f"rpl-m-{disk_node}")
+    if mirror is None or not mirror.get("ready") or mirror.get("status") != "ready":
+        return None
+    fmt = await _node_format(process, disk_node)
+    rep = SyncReplication(process, disk_node, export, tls_dir, stall_limit_s,
+                          persistent=(fmt == "qcow2"), before_release=before_release)
+    await rep._ensure_bitmaps()
+    running = (await process.query_status()).running
+    if running:
+        await process.pause()
+    try:
+        await stop_sync_leftovers(process, disk_node)
+        await rep._connect(target_uri, 1)
+        await rep._start_mirror("none")
+    except BaseException:
+        rep.state = "broken"
+        await rep.stop()
+        raise
+    finally:
+        if running:
+            await process.resume()
+    rep._now_in_sync(time.monotonic())
+    rep._supervise()
+    return rep
+
+
 async def stop_sync_leftovers(process: QemuProcess, disk_node: str) -> None:
     """Jobs and NBD nodes of an earlier ``SyncReplication`` of ``disk_node`` that nobody
     supervises any more (the host service restarted): cancelled and removed, so a new
@@ -847,7 +889,8 @@ async def stop_async(process: QemuProcess, disk_node: str) -> None:
 
 
 __all__ = ["ConsistentPoint", "ReplicationProgress", "CycleReport", "SyncReplication",
-           "StallWatch", "BitmapRotation", "start_sync", "stop_sync_leftovers",
+           "StallWatch", "BitmapRotation", "start_sync", "adopt_sync",
+           "stop_sync_leftovers",
            "run_async_cycle",
            "confirm_async_cycle", "abandon_async_cycle", "stop_async", "parse_nbd_uri",
            "DEFAULT_STALL_LIMIT_S"]

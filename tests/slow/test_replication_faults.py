@@ -16,7 +16,8 @@ import pytest
 
 from parvisor.testing.lab_fixture import running_lab
 from parvisor.testing.replication_lab import (FAILOVER_S, STALL_LIMIT_S, SYNC_S, Writer,
-                                              make_vm, read_records, status, wait_guest, wait_state)
+                                              make_vm, read_records, status, wait_guest, wait_state,
+                                              write_records)
 
 pytestmark = [pytest.mark.slow, pytest.mark.qemu,
               pytest.mark.skipif(shutil.which("etcd") is None or shutil.which("ip") is None
@@ -136,3 +137,26 @@ def test_broken_replica_fails_over_only_when_forced_losing_what_it_said(tiny_ima
         # everything acknowledged before the break is there; what is missing came after
         assert all(n in present for n, at in acked_at.items() if at < point), point
         assert any(n not in present for n in writer.acked), "h1-only writes were lost"
+
+
+def test_restarted_primary_service_takes_over_the_mirror_without_a_copy(tiny_image):
+    with running_lab(2, "--witness", "--no-shared-storage") as lab:
+        vm_uuid = make_vm(lab, "rs1", "--mode", "sync", "--to", "h2",
+                          "--stall-limit", str(STALL_LIMIT_S))
+        wait_state(lab, "h1", "rs1", "in-sync", SYNC_S)
+        write_records(lab, "h1", "rs1", range(1, 3))
+        lab.lab.crash_service("h1")               # QEMU, etcd and watchdog live on
+        lab.lab.start_service("h1")
+        seen: set[str] = set()
+
+        def taken_over() -> bool:
+            seen.add(status(lab, "h2", "rs1").get("state", "?"))
+            log = (lab.dir / "h1" / "service.log").read_text(errors="replace")
+            return "took over 1 running mirror(s)" in log
+        lab.wait(taken_over, 60, "h1's new service to take over the mirror", interval=0.3)
+        assert seen <= {"in-sync"}, seen          # never broken, never copied again
+        write_records(lab, "h1", "rs1", range(3, 6))
+        lab.cli("lab", "fail", "h1")
+        lab.wait(lambda: lab.running_on(vm_uuid) == ["h2"], FAILOVER_S, "rs1 on h2")
+        wait_guest(lab, "h2", "rs1")
+        assert set(range(1, 6)) <= read_records(lab, "h2", "rs1", 8)
