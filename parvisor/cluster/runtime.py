@@ -234,7 +234,7 @@ class ClusterRuntime:
                 agent.env.save_lease(None)
         self._stop_watchdog()
         if self.replication is not None:
-            self.replication.kill_targets()
+            self.replication.detach()
 
     # --- the watchdog process -------------------------------------------------------
     @property

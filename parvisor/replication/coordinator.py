@@ -44,7 +44,8 @@ from parvisor.replication import engine
 from parvisor.replication.paths import replica_image_path
 from parvisor.replication.protocol import (LocalFacts, Mode, ReplicationRecord, State,
                                            Step, next_step)
-from parvisor.replication.target import ReplicaTarget, TargetSpec, create_replica_image
+from parvisor.replication.target import (EXPORT_ID, ReplicaTarget, TargetSpec,
+                                         create_replica_image, daemon_of)
 from parvisor.vm.argv import disk_node_names
 
 log = logging.getLogger("parvisor.replication")
@@ -151,13 +152,17 @@ class ReplicationCoordinator:
 
     # --- the loop -----------------------------------------------------------------------
     async def run(self) -> None:
-        await asyncio.to_thread(self._stop_leftover_daemons)
+        leftovers_checked = False
         while not self._stopping:
             try:
                 records, members = await asyncio.to_thread(self._records)
             except ClusterUnavailable:
                 await asyncio.sleep(1.0)
                 continue
+            if not leftovers_checked:     # daemons of an earlier service: keep ours
+                await asyncio.to_thread(self._stop_leftover_daemons, {
+                    r.vm_uuid for r in records if r.replica == self.host})
+                leftovers_checked = True
             for record in records:
                 self._consider(record, members)
             await self._forget_gone({r.vm_uuid for r in records})
@@ -543,6 +548,9 @@ class ReplicationCoordinator:
                               socket_dir=self.socket_dir)
             if not (Path(spec.state_dir) / "cycle.qcow2").exists() or not path.exists():
                 continue
+            # a daemon of an earlier service may still hold the image (and the cut
+            # commit's job): it goes first, the overlay file stays
+            await self._stop_targets_in(spec.state_dir)
             target = await ReplicaTarget.start(spec)
             try:
                 await target.replay_commit()
@@ -560,6 +568,13 @@ class ReplicationCoordinator:
         paths = self._image_paths(record)
         try:
             for disk, path in sorted(paths.items()):
+                state_dir = self.root / record.vm_uuid / f"qsd-{disk}"
+                adopted = None if fresh else await self._adopt_target(state_dir, path,
+                                                                      record.mode)
+                if adopted is not None:
+                    side.targets[disk] = adopted
+                    continue
+                await self._stop_targets_in(state_dir)
                 size = record.disk_sizes.get(disk)
                 if fresh or not path.exists():
                     if not size:
@@ -570,7 +585,7 @@ class ReplicationCoordinator:
                     await asyncio.to_thread(create_replica_image, path, "qcow2", size)
                 spec = TargetSpec(image=path, format="qcow2", listen_host=self.address,
                                   port=await asyncio.to_thread(self._free_port),
-                                  state_dir=self.root / record.vm_uuid / f"qsd-{disk}",
+                                  state_dir=state_dir,
                                   export_name="disk", tls_dir=self.tls_dir,
                               socket_dir=self.socket_dir)
                 side.targets[disk] = await ReplicaTarget.start(spec)
@@ -636,10 +651,39 @@ class ReplicationCoordinator:
 
     async def _stop_targets(self, vm_uuid: str) -> None:
         side = self.replica.pop(vm_uuid, None)
-        for target in (side.targets.values() if side else ()):
+        targets = list(side.targets.values()) if side else []
+        for state_dir in sorted((self.root / vm_uuid).glob("qsd-*")):
+            if not any(Path(t.spec.state_dir) == state_dir for t in targets):
+                adopted = await ReplicaTarget.adopt(state_dir)   # an earlier service's
+                targets += [adopted] if adopted is not None else []
+        for target in targets:
             with contextlib.suppress(Exception):
                 await target.abort_cycle()   # async: the image stays the last full cycle
             await target.stop()
+
+    async def _stop_targets_in(self, state_dir: Path) -> None:
+        """A daemon an earlier service left in ``state_dir`` (holding its image)."""
+        leftover = await ReplicaTarget.adopt(state_dir)
+        if leftover is not None:
+            await leftover.stop()
+
+    async def _adopt_target(self, state_dir: Path, image: Path,
+                            mode: Mode) -> ReplicaTarget | None:
+        """The daemon an earlier service of this host left serving ``image``: kept
+        (its export and the primary's connection untouched; an open async cycle is
+        dropped, the primary ships it again); one serving something else is stopped."""
+        target = await ReplicaTarget.adopt(state_dir)
+        if target is None:
+            return None
+        if Path(target.spec.image) != image or target.spec.listen_host != self.address:
+            await target.stop()
+            return None
+        if mode == Mode.ASYNC:
+            await target.abort_cycle()
+        elif not any(e.get("id") == EXPORT_ID for e in await target.execute(
+                "query-block-exports")):
+            await target.export_live()
+        return target
 
     def _free_port(self) -> int:
         used = {t.spec.port for s in self.replica.values() for t in s.targets.values()}
@@ -655,27 +699,23 @@ class ReplicationCoordinator:
         raise ReplicationRefused(f"no free port for a replica export in {PORTS.start}-"
                                  f"{PORTS.stop - 1} on {self.address}")
 
-    def kill_targets(self) -> None:
-        """Service stop (synchronous): the replica daemons end with the service; a
-        restarted service opens new exports and publishes them."""
+    def detach(self) -> None:
+        """Service stop: the replica daemons run on (like the VMs' QEMUs), so the
+        primaries' mirrors never notice; the next service of this host adopts them."""
         self._stopping = True
-        for side in self.replica.values():
-            for target in side.targets.values():
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(target.pid, signal.SIGKILL)
 
-    def _stop_leftover_daemons(self) -> None:
-        """qemu-storage-daemons of a previous service (crashed) still holding images:
-        stopped by the PID each recorded, after checking it is that daemon."""
-        from parvisor.cluster.local_host import pid_alive
+    def _stop_leftover_daemons(self, keep: set[str]) -> None:
+        """Daemons of an earlier service for VMs this host no longer holds a replica
+        of (``keep``: those it does; adopted when served again): stopped by the PID each
+        recorded, after checking it is that daemon."""
         for pidfile in self.root.glob("*/qsd-*/qsd.pid"):
+            if pidfile.parent.parent.name in keep:
+                continue
             try:
                 pid = int(pidfile.read_text().strip())
-                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
             except (OSError, ValueError):
                 continue
-            if b"qemu-storage-daemon" in cmdline and str(pidfile).encode() in cmdline \
-                    and pid_alive(pid):
+            if daemon_of(pid, pidfile):
                 log.warning("replication: stopping leftover qemu-storage-daemon %d", pid)
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 import os
 import signal
@@ -34,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from parvisor.errors import InvalidInput, QmpError, ReplicationFailed, VmError
+from parvisor.procfs import pid_alive
 from parvisor.qmp.client import QmpConnection
 from parvisor.storage.qemu_img import create_image, inspect_image
 
@@ -144,11 +146,11 @@ def _opts(options: dict[str, str]) -> str:
 class ReplicaTarget:
     """One running qemu-storage-daemon. Create with ``start``."""
 
-    def __init__(self, spec: TargetSpec, child: subprocess.Popen[bytes],
-                 qmp: QmpConnection) -> None:
+    def __init__(self, spec: TargetSpec, child: subprocess.Popen[bytes] | None,
+                 qmp: QmpConnection, pid: int | None = None) -> None:
         self.spec = spec
-        self.pid = child.pid
-        self._child = child
+        self.pid = child.pid if child is not None else int(pid or 0)
+        self._child = child              # None: adopted from an earlier host service
         self.qmp = qmp
         self._overlay: Path | None = None
 
@@ -163,7 +165,9 @@ class ReplicaTarget:
 
     @property
     def exited(self) -> bool:
-        return self._child.poll() is not None
+        if self._child is not None:
+            return self._child.poll() is not None
+        return not pid_alive(self.pid)
 
     @classmethod
     async def start(cls, spec: TargetSpec, *, timeout: float = START_TIMEOUT_S
@@ -187,6 +191,46 @@ class ReplicaTarget:
             raise
         log.info("replica target pid %d serves %s on %s", child.pid, spec.image,
                  target.nbd_uri)
+        target._record()
+        return target
+
+    # --- surviving a restart of the host service ---------------------------------------
+    def _record(self) -> None:
+        """What ``adopt`` needs to find this daemon again (``target.json``)."""
+        spec = {k: (str(v) if isinstance(v, Path) else v)
+                for k, v in self.spec.__dict__.items()}
+        tmp = Path(self.spec.state_dir) / "target.json.tmp"
+        tmp.write_text(json.dumps({"pid": self.pid, "spec": spec}))
+        os.replace(tmp, Path(self.spec.state_dir) / "target.json")
+
+    @classmethod
+    async def adopt(cls, state_dir: Path, timeout: float = 5.0) -> "ReplicaTarget | None":
+        """The daemon an earlier host service started for ``state_dir``, if it still
+        runs (its PID, with our pidfile on its command line): connected again over QMP
+        with its exports untouched, so the primary's connection never notices. None
+        when there is none (or it does not answer)."""
+        try:
+            doc = json.loads((Path(state_dir) / "target.json").read_text())
+            pid = int(doc["pid"])
+            fields = doc["spec"]
+        except (OSError, ValueError, KeyError):
+            return None
+        for key in ("image", "state_dir", "tls_dir", "socket_dir"):
+            if fields.get(key) is not None:
+                fields[key] = Path(fields[key])
+        spec = TargetSpec(**fields)
+        if not daemon_of(pid, Path(state_dir) / "qsd.pid"):
+            return None
+        target = cls(spec, None, QmpConnection(spec.qmp_socket, name=f"qsd-{pid}"), pid)
+        try:
+            await target.qmp.connect(timeout=timeout)
+            nodes = {n.get("node-name") for n in await target.execute("query-named-block-nodes")}
+        except (VmError, OSError):
+            return None
+        if OVERLAY_NODE in nodes:
+            target._overlay = target.overlay_path
+        log.info("replica target pid %d (from an earlier service) serves %s on %s", pid,
+                 spec.image, target.nbd_uri)
         return target
 
     async def _connect(self, timeout: float) -> None:
@@ -195,7 +239,7 @@ class ReplicaTarget:
         while not self.qmp_socket.exists():
             if self.exited or loop.time() >= deadline:
                 raise ReplicationFailed("qemu-storage-daemon did not start: "
-                                        + self.log_tail(), argv=self._child.args)
+                                        + self.log_tail())
             await asyncio.sleep(0.02)
         await self.qmp.connect(timeout=max(1.0, deadline - loop.time()))
 
@@ -361,7 +405,7 @@ class ReplicaTarget:
             pass
 
     def _signal(self, sig: signal.Signals) -> None:
-        if self._child.poll() is None:
+        if not self.exited:
             try:
                 os.kill(self.pid, sig)
             except ProcessLookupError:
@@ -370,7 +414,7 @@ class ReplicaTarget:
     async def _wait_exit(self, timeout: float) -> bool:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        while self._child.poll() is None:
+        while not self.exited:
             if loop.time() >= deadline:
                 return False
             await asyncio.sleep(0.02)
@@ -384,4 +428,16 @@ class ReplicaTarget:
         self._signal(signal.SIGCONT)
 
 
-__all__ = ["ReplicaTarget", "TargetSpec", "create_replica_image", "daemon_argv"]
+def daemon_of(pid: int, pidfile: Path) -> bool:
+    """Whether ``pid`` is a live qemu-storage-daemon started with ``pidfile`` (a reused
+    PID of another process is never taken for it)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return (pid_alive(pid) and b"qemu-storage-daemon" in cmdline
+            and str(pidfile).encode() in cmdline)
+
+
+__all__ = ["ReplicaTarget", "TargetSpec", "create_replica_image", "daemon_argv",
+           "daemon_of"]

@@ -139,24 +139,31 @@ def test_broken_replica_fails_over_only_when_forced_losing_what_it_said(tiny_ima
         assert any(n not in present for n in writer.acked), "h1-only writes were lost"
 
 
-def test_restarted_primary_service_takes_over_the_mirror_without_a_copy(tiny_image):
+def test_restarted_services_keep_the_replica_in_sync_without_a_copy(tiny_image):
     with running_lab(2, "--witness", "--no-shared-storage") as lab:
         vm_uuid = make_vm(lab, "rs1", "--mode", "sync", "--to", "h2",
                           "--stall-limit", str(STALL_LIMIT_S))
         wait_state(lab, "h1", "rs1", "in-sync", SYNC_S)
         write_records(lab, "h1", "rs1", range(1, 3))
-        lab.lab.crash_service("h1")               # QEMU, etcd and watchdog live on
-        lab.lab.start_service("h1")
         seen: set[str] = set()
 
-        def taken_over() -> bool:
-            seen.add(status(lab, "h2", "rs1").get("state", "?"))
-            log = (lab.dir / "h1" / "service.log").read_text(errors="replace")
-            return "took over 1 running mirror(s)" in log
-        lab.wait(taken_over, 60, "h1's new service to take over the mirror", interval=0.3)
-        assert seen <= {"in-sync"}, seen          # never broken, never copied again
-        write_records(lab, "h1", "rs1", range(3, 6))
+        def restarted(host: str, says: str) -> None:
+            lab.lab.crash_service(host)     # QEMUs, replica daemons, etcd live on
+            lab.lab.start_service(host)
+
+            def taken_over() -> bool:
+                seen.add(status(lab, "h1" if host == "h2" else "h2", "rs1").get("state"))
+                log = (lab.dir / host / "service.log").read_text(errors="replace")
+                return says in log
+            lab.wait(taken_over, 60, f"{host}'s new service to take over", interval=0.3)
+        # the primary's service: the running mirror is taken over
+        restarted("h1", "took over 1 running mirror(s)")
+        write_records(lab, "h1", "rs1", range(3, 5))
+        # the replica's service: its daemon is adopted, the export stays as it was
+        restarted("h2", "(from an earlier service)")
+        write_records(lab, "h1", "rs1", range(5, 7))
+        assert seen == {"in-sync"}, seen          # never broken, never copied again
         lab.cli("lab", "fail", "h1")
         lab.wait(lambda: lab.running_on(vm_uuid) == ["h2"], FAILOVER_S, "rs1 on h2")
         wait_guest(lab, "h2", "rs1")
-        assert set(range(1, 6)) <= read_records(lab, "h2", "rs1", 8)
+        assert set(range(1, 7)) <= read_records(lab, "h2", "rs1", 9)
