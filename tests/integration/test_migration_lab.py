@@ -384,10 +384,11 @@ def test_two_migrations_or_migrate_and_delete_fired_together_one_wins(lab):
     accepted = [o for o in outcomes if o[0] == 0]
     refused = [o for o in outcomes if o[0] != 0]
     assert len(accepted) == 1 and len(refused) == 1, outcomes
-    # refused while the first is in flight, or (when it was that quick) because the VM
-    # already runs on h2 by then
+    # refused while the first is in flight (its record, or the VM's operation lock on
+    # the owner), or (when it was that quick) because the VM already runs on h2 by then
     why = refused[0][1] + refused[0][2]
     assert any(text in why for text in ("already migrating", "changed while",
+                                        "is busy: migrate in progress",
                                         "already runs on h2")), refused
     lab.wait(lambda: only_on(lab, vm_uuid, "h2"), 30, "mv8 only on h2")
     # migrate back and delete at once: the VM is either moved or deleted, never both
