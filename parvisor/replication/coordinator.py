@@ -84,7 +84,6 @@ class PrimarySide:
 
     generation: int
     sync: dict[str, engine.SyncReplication] = field(default_factory=dict)
-    full: bool = True                    # the running copy is a full one (not a resync)
     next_cycle_at: float = 0.0           # async: monotonic time of the next ship
     confirmed: int = 0                   # async: last cycle whose bitmaps were dropped
     last_progress: float = 0.0

@@ -72,8 +72,7 @@ class Writer(threading.Thread):
     the wall time of each acknowledgement, ``spans`` each write's (start, end) on the
     monotonic clock."""
 
-    def __init__(self, lab: LabUnderTest, host: str, vm: str, first: int, *,
-                 timed: bool = False) -> None:
+    def __init__(self, lab: LabUnderTest, host: str, vm: str, first: int) -> None:
         super().__init__(daemon=True)
         self.lab, self.host, self.vm, self.next = lab, host, vm, first
         self.acked: list[int] = []

@@ -32,13 +32,28 @@ CYCLE_MARGIN_S = 15
 STALL_MARGIN_S = 1.5
 
 
+def broken_by_isolation(lab, vm: str, records: int) -> tuple[str, Writer, float, dict]:
+    """A sync-replicated VM on h1 (replica h2) with a writer running: ``records``
+    acknowledged in sync, then h2 isolated until the primary commits ``broken``.
+    (vm uuid, writer, monotonic time of the cut, the broken status)."""
+    vm_uuid = make_vm(lab, vm, "--mode", "sync", "--to", "h2",
+                      "--stall-limit", str(STALL_LIMIT_S))
+    wait_state(lab, "h1", vm, "in-sync", SYNC_S)
+    writer = Writer(lab, "h1", vm, 1)
+    writer.start()
+    lab.wait(lambda: len(writer.acked) >= records, 60, "records while in sync")
+    cut_at = time.monotonic()
+    lab.cli("lab", "isolate", "h2")          # the replica away
+    return vm_uuid, writer, cut_at, wait_state(lab, "h1", vm, "broken", 60)
+
+
 def test_async_failover_to_the_other_site_loses_at_most_an_interval(tiny_image):
     with running_lab(3, "--witness", "--no-shared-storage", "--site", "A:h1,h2",
                      "--site", "B:h3") as lab:
         vm_uuid = make_vm(lab, "ra1", "--mode", "async", "--interval", f"{INTERVAL_S}s")
         first = wait_state(lab, "h1", "ra1", "in-sync", SYNC_S)
         assert first["replica"] == "h3", first      # the other site, chosen unasked
-        writer = Writer(lab, "h1", "ra1", 1, timed=True)
+        writer = Writer(lab, "h1", "ra1", 1)
         writer.start()
         committed = first["cycle_committed"]
         # keep writing through at least one more cycle, then a little into the next
@@ -70,15 +85,7 @@ def test_async_failover_to_the_other_site_loses_at_most_an_interval(tiny_image):
 
 def test_replica_link_cut_stalls_writes_at_most_the_limit_then_resyncs(tiny_image):
     with running_lab(2, "--witness", "--no-shared-storage") as lab:
-        vm_uuid = make_vm(lab, "rl1", "--mode", "sync", "--to", "h2",
-                          "--stall-limit", str(STALL_LIMIT_S))
-        wait_state(lab, "h1", "rl1", "in-sync", SYNC_S)
-        writer = Writer(lab, "h1", "rl1", 1, timed=True)
-        writer.start()
-        lab.wait(lambda: len(writer.acked) >= 3, 60, "records while in sync")
-        cut_at = time.monotonic()
-        lab.cli("lab", "isolate", "h2")
-        broken = wait_state(lab, "h1", "rl1", "broken", 60)
+        vm_uuid, writer, cut_at, broken = broken_by_isolation(lab, "rl1", 3)
         assert "lose" in broken["failover"], broken      # says plainly what it costs
         lab.wait(lambda: len(writer.durations_since(cut_at)) >= 3, 60,
                  "records after the cut: the VM writes on alone")
@@ -101,14 +108,7 @@ def test_replica_link_cut_stalls_writes_at_most_the_limit_then_resyncs(tiny_imag
 
 def test_broken_replica_fails_over_only_when_forced_losing_what_it_said(tiny_image):
     with running_lab(2, "--witness", "--no-shared-storage") as lab:
-        vm_uuid = make_vm(lab, "rf1", "--mode", "sync", "--to", "h2",
-                          "--stall-limit", str(STALL_LIMIT_S))
-        wait_state(lab, "h1", "rf1", "in-sync", SYNC_S)
-        writer = Writer(lab, "h1", "rf1", 1, timed=True)
-        writer.start()
-        lab.wait(lambda: len(writer.acked) >= 2, 60, "records while in sync")
-        lab.cli("lab", "isolate", "h2")          # the replica away: broken
-        broken = wait_state(lab, "h1", "rf1", "broken", 60)
+        vm_uuid, writer, _, broken = broken_by_isolation(lab, "rf1", 2)
         lab.wait(lambda: writer.acked_at[-1] > broken["last_consistent_at"] + 1, 60,
                  "a record acknowledged by h1 alone")
         lab.cli("lab", "fail", "h1")
