@@ -125,7 +125,9 @@ class ReplicationCoordinator:
         return ReplicationRecord.from_json(item.value, item.mod_revision) if item else None
 
     def _records(self) -> tuple[list[ReplicationRecord], set[str]]:
-        items, revision = self.kv.get_prefix(self.keys.under("replication"))
+        items, _ = self.kv.get_prefix(self.keys.under("replication"))
+        if not items:
+            return [], set()      # the common case: one small read per poll
         members, _ = self.kv.get_prefix(self.keys.under("members"))
         records = [ReplicationRecord.from_json(i.value, i.mod_revision) for i in items]
         return records, {m.key.rsplit("/", 1)[-1] for m in members}
